@@ -1,0 +1,270 @@
+//! Find model files, detect RNN-T or CTC and fp32 or int8, load and optimise graphs.
+//!
+//! Each graph goes load -> input facts -> `into_optimized` -> runnable plan, and
+//! the plan is shared in an `Arc`: N workers hold one copy of the weights. The
+//! encoder gets a symbolic time axis `T` (so one plan serves every length) and its
+//! declared output facts are ignored (the export names them wrongly).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::DimLike;
+use tract_onnx::tract_hir::internal::InferenceFact;
+
+use super::SpeechError;
+use super::features::N_MELS;
+
+/// A runnable graph, shared by every worker.
+pub(crate) type Plan = Arc<TypedRunnableModel>;
+
+/// Which head the model has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// Encoder + decoder + joint, greedy transducer decoding (punctuated text).
+    Rnnt,
+    /// Encoder with a CTC head, greedy CTC decoding.
+    Ctc,
+}
+
+impl Variant {
+    /// Lower-case name used in flags and `/v1/models`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Variant::Rnnt => "rnnt",
+            Variant::Ctc => "ctc",
+        }
+    }
+}
+
+impl std::str::FromStr for Variant {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "rnnt" | "rnn-t" => Ok(Variant::Rnnt),
+            "ctc" => Ok(Variant::Ctc),
+            other => Err(format!("unknown variant {other:?} (rnnt or ctc)")),
+        }
+    }
+}
+
+/// Numeric precision of the encoder weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// float32 weights.
+    Fp32,
+    /// int8 weights (dynamic quantisation), 4x smaller.
+    Int8,
+}
+
+impl Precision {
+    /// Lower-case name used in flags and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Int8 => "int8",
+        }
+    }
+}
+
+/// What the user asked for; `Auto` prefers int8 when both files exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PrecisionChoice {
+    /// int8 when present, else fp32.
+    #[default]
+    Auto,
+    /// Exactly this precision.
+    Only(Precision),
+}
+
+impl std::str::FromStr for PrecisionChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(PrecisionChoice::Auto),
+            "fp32" | "f32" => Ok(PrecisionChoice::Only(Precision::Fp32)),
+            "int8" | "i8" => Ok(PrecisionChoice::Only(Precision::Int8)),
+            other => Err(format!("unknown precision {other:?} (auto, fp32 or int8)")),
+        }
+    }
+}
+
+/// The files of one model, resolved on disk.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    /// Directory they live in.
+    pub dir: PathBuf,
+    /// RNN-T or CTC.
+    pub variant: Variant,
+    /// Encoder precision picked.
+    pub precision: Precision,
+    /// Encoder (RNN-T) or the whole CTC graph.
+    pub encoder: PathBuf,
+    /// RNN-T decoder (prediction network).
+    pub decoder: Option<PathBuf>,
+    /// RNN-T joint network.
+    pub joint: Option<PathBuf>,
+    /// Vocabulary.
+    pub vocab: PathBuf,
+}
+
+/// File-name stems we know, best first: (variant, stem of graph files, vocab names).
+const LAYOUTS: &[(Variant, &str, &[&str])] = &[
+    (Variant::Rnnt, "v3_e2e_rnnt", &["v3_e2e_rnnt_vocab.txt"]),
+    (Variant::Rnnt, "v3_rnnt", &["v3_rnnt_vocab.txt", "v3_vocab.txt"]),
+    (Variant::Ctc, "v3_e2e_ctc", &["v3_e2e_ctc_vocab.txt"]),
+    (Variant::Ctc, "v3_ctc", &["v3_ctc_vocab.txt", "v3_vocab.txt"]),
+];
+
+/// Looks in `dir` for a complete model; `variant` restricts the search.
+pub fn find_model(
+    dir: &Path,
+    variant: Option<Variant>,
+    precision: PrecisionChoice,
+) -> Result<ModelFiles, SpeechError> {
+    let mut first_missing: Option<Vec<String>> = None;
+    for &(v, stem, vocabs) in LAYOUTS {
+        if variant.is_some_and(|want| want != v) {
+            continue;
+        }
+        let mut missing = Vec::new();
+        let graph = |suffix: &str| dir.join(format!("{stem}{suffix}.onnx"));
+        let (enc_name, extra): (&str, &[&str]) = match v {
+            Variant::Rnnt => ("_encoder", &["_decoder", "_joint"]),
+            Variant::Ctc => ("", &[]),
+        };
+        let fp32 = graph(enc_name);
+        let int8 = graph(&format!("{enc_name}_int8"));
+        let encoder = match precision {
+            PrecisionChoice::Auto if int8.is_file() => Some((int8.clone(), Precision::Int8)),
+            PrecisionChoice::Auto | PrecisionChoice::Only(Precision::Fp32) => {
+                fp32.is_file().then_some((fp32.clone(), Precision::Fp32))
+            }
+            PrecisionChoice::Only(Precision::Int8) => {
+                int8.is_file().then_some((int8.clone(), Precision::Int8))
+            }
+        };
+        if encoder.is_none() {
+            let want = match precision {
+                PrecisionChoice::Only(Precision::Int8) => int8,
+                _ => fp32,
+            };
+            missing.push(file_name(&want));
+        }
+        let others: Vec<PathBuf> = extra.iter().map(|s| graph(s)).collect();
+        missing.extend(others.iter().filter(|p| !p.is_file()).map(|p| file_name(p)));
+        let vocab = vocabs.iter().map(|n| dir.join(n)).find(|p| p.is_file());
+        if vocab.is_none() {
+            missing.push(vocabs[0].to_string());
+        }
+        match (encoder, vocab) {
+            (Some((encoder, precision)), Some(vocab)) if missing.is_empty() => {
+                let mut others = others.into_iter();
+                return Ok(ModelFiles {
+                    dir: dir.to_path_buf(),
+                    variant: v,
+                    precision,
+                    encoder,
+                    decoder: others.next(),
+                    joint: others.next(),
+                    vocab,
+                });
+            }
+            _ => {
+                if first_missing.is_none() {
+                    first_missing = Some(missing);
+                }
+            }
+        }
+    }
+    Err(SpeechError::ModelNotFound {
+        dir: dir.to_path_buf(),
+        missing: first_missing.unwrap_or_default(),
+    })
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn invalid(file: &Path) -> impl Fn(TractError) -> SpeechError + '_ {
+    move |e| SpeechError::ModelInvalid {
+        file: file.to_path_buf(),
+        why: format!("{e:#}"),
+    }
+}
+
+/// Index of the model input called `name`, or the error naming the file.
+fn input_index(model: &InferenceModel, name: &str, file: &Path) -> Result<usize, SpeechError> {
+    let outlets = model.input_outlets().map_err(invalid(file))?;
+    outlets
+        .iter()
+        .position(|o| model.node(o.node).name == name)
+        .ok_or_else(|| SpeechError::ModelInvalid {
+            file: file.to_path_buf(),
+            why: format!("no input named {name:?}"),
+        })
+}
+
+/// Loads an encoder-like graph `[1, 64, T] f32, [1] i64 -> ...` with a symbolic `T`.
+pub(crate) fn load_encoder(
+    path: &Path,
+    names: (&str, &str),
+    executor: Option<tract_linalg::multithread::Executor>,
+) -> Result<Plan, SpeechError> {
+    let err = invalid(path);
+    let onnx = tract_onnx::onnx()
+        .with_ignore_output_shapes(true)
+        .with_ignore_value_info(true);
+    let mut model = onnx.model_for_path(path).map_err(&err)?;
+    let signal = input_index(&model, names.0, path)?;
+    let length = input_index(&model, names.1, path)?;
+    let frames = model.symbols.sym("T");
+    let mut inputs = vec![(signal, f32::fact([1.to_dim(), N_MELS.to_dim(), frames.to_dim()]).into()), (length, i64::fact([1]).into())];
+    inputs.sort_by_key(|(ix, _)| *ix);
+    for (ix, fact) in inputs {
+        model.set_input_fact(ix, fact).map_err(&err)?;
+    }
+    for ix in 0..model.output_outlets().map_err(&err)?.len() {
+        model.set_output_fact(ix, InferenceFact::default()).map_err(&err)?;
+    }
+    let options = RunOptions {
+        executor,
+        ..Default::default()
+    };
+    model
+        .into_optimized()
+        .and_then(|m| m.into_runnable_with_options(&options))
+        .map_err(err)
+}
+
+/// Loads a graph whose inputs are fully declared in the file (decoder, joint, VAD).
+pub(crate) fn load_fixed(path: &Path) -> Result<Plan, SpeechError> {
+    let err = invalid(path);
+    tract_onnx::onnx()
+        .model_for_path(path)
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .map_err(err)
+}
+
+/// Loads a fixed-shape graph from bytes compiled into the binary (Silero VAD).
+pub(crate) fn load_fixed_bytes(bytes: &[u8], name: &Path) -> Result<Plan, SpeechError> {
+    let err = invalid(name);
+    tract_onnx::onnx()
+        .model_for_read(&mut std::io::Cursor::new(bytes))
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .map_err(err)
+}
+
+/// Concrete size of axis `axis` of input `ix` of a plan.
+pub(crate) fn input_dim(plan: &Plan, ix: usize, axis: usize) -> Result<usize, SpeechError> {
+    let fact = plan.model().input_fact(ix).map_err(super::error::inference)?;
+    fact.shape
+        .get(axis)
+        .and_then(|d| d.to_usize().ok())
+        .ok_or_else(|| SpeechError::Inference(format!("input {ix} axis {axis} is not concrete")))
+}
