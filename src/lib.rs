@@ -9,7 +9,9 @@
 #![forbid(unsafe_code)]
 
 pub mod audio;
+pub mod cli;
 pub mod http;
 pub mod output;
+pub mod pool;
 pub mod server;
 pub mod speech;

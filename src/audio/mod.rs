@@ -205,9 +205,18 @@ mod tests {
 
     #[test]
     fn rejects_absurd_rates_and_channels() {
-        assert!(matches!(check_format(0, 16_000), Err(AudioError::BadChannels(0))));
-        assert!(matches!(check_format(1, 7_999), Err(AudioError::BadSampleRate(_))));
-        assert!(matches!(check_format(1, 96_000), Err(AudioError::BadSampleRate(_))));
+        assert!(matches!(
+            check_format(0, 16_000),
+            Err(AudioError::BadChannels(0))
+        ));
+        assert!(matches!(
+            check_format(1, 7_999),
+            Err(AudioError::BadSampleRate(_))
+        ));
+        assert!(matches!(
+            check_format(1, 96_000),
+            Err(AudioError::BadSampleRate(_))
+        ));
         assert!(check_length(u64::from(MAX_AUDIO_SECS) * 16_000 + 16_001, 16_000).is_err());
     }
 }

@@ -147,7 +147,8 @@ pub fn to_engine_rate(samples: &[f32], from_hz: u32) -> Vec<f32> {
         return samples.to_vec();
     }
     let mut r = Resampler::new(from_hz, ENGINE_RATE_HZ);
-    let mut out = Vec::with_capacity(samples.len() * ENGINE_RATE_HZ as usize / from_hz as usize + 1);
+    let mut out =
+        Vec::with_capacity(samples.len() * ENGINE_RATE_HZ as usize / from_hz as usize + 1);
     r.process(samples, &mut out);
     r.flush(&mut out);
     out
@@ -195,7 +196,9 @@ mod tests {
     fn tone(rate: u32, hz: f64, secs: f64) -> Vec<f32> {
         let n = (f64::from(rate) * secs) as usize;
         (0..n)
-            .map(|i| (2.0 * std::f64::consts::PI * hz * i as f64 / f64::from(rate)).sin() as f32 * 0.5)
+            .map(|i| {
+                (2.0 * std::f64::consts::PI * hz * i as f64 / f64::from(rate)).sin() as f32 * 0.5
+            })
             .collect()
     }
 
@@ -217,7 +220,10 @@ mod tests {
             let out = to_engine_rate(&tone(rate, 1000.0, 1.0), rate);
             let mid = &out[2000..14000];
             let level = rms(mid);
-            assert!((level - 0.5 / 2f64.sqrt()).abs() < 0.01, "rate {rate}: rms {level}");
+            assert!(
+                (level - 0.5 / 2f64.sqrt()).abs() < 0.01,
+                "rate {rate}: rms {level}"
+            );
             let expected = tone(16_000, 1000.0, 1.0);
             // Compare against a directly generated 1 kHz tone (phase-aligned).
             let err: f64 = mid
@@ -233,7 +239,11 @@ mod tests {
     fn tone_above_new_nyquist_is_removed() {
         // 12 kHz at 48 kHz folds to 4 kHz with naive decimation; it must vanish.
         let out = to_engine_rate(&tone(48_000, 12_000.0, 1.0), 48_000);
-        assert!(rms(&out[1000..15000]) < 0.001, "rms {}", rms(&out[1000..15000]));
+        assert!(
+            rms(&out[1000..15000]) < 0.001,
+            "rms {}",
+            rms(&out[1000..15000])
+        );
     }
 
     #[test]

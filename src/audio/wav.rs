@@ -35,7 +35,9 @@ pub fn decode_wav(bytes: &[u8]) -> Result<Audio, AudioError> {
         }
     };
     if interleaved.len() % usize::from(spec.channels) != 0 {
-        return Err(AudioError::Corrupt("sample count is not a whole number of frames".into()));
+        return Err(AudioError::Corrupt(
+            "sample count is not a whole number of frames".into(),
+        ));
     }
     finish(interleaved, spec.channels, spec.sample_rate)
 }
@@ -97,6 +99,9 @@ mod tests {
     #[test]
     fn absurd_rate_rejected_before_decoding() {
         let bytes = wav_bytes(spec(1, 192_000, 16), &[0; 10]);
-        assert!(matches!(decode_wav(&bytes), Err(AudioError::BadSampleRate(192_000))));
+        assert!(matches!(
+            decode_wav(&bytes),
+            Err(AudioError::BadSampleRate(192_000))
+        ));
     }
 }

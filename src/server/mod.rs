@@ -1,1 +1,358 @@
+//! The app over HTTP: accept loop, connection cap, socket timeouts, drain on shutdown.
+//!
+//! A blocking `TcpListener` with one thread per connection under a hard cap.
+//! When the cap is reached, the connection that has waited longest for its
+//! request head (an idle keep-alive or a slowloris) is evicted so real requests
+//! still get in; if none can be evicted the newcomer gets 503 and is closed.
+//! Heads are parsed by `http/` with size caps and a deadline; handlers run
+//! behind a panic fence. Knows `pool` and plain `speech` data, never tract.
+
+pub mod error;
 pub mod guard;
+pub mod metrics;
+mod openai;
+mod rest;
+mod routes;
+pub mod ws;
+
+use std::collections::BTreeMap;
+use std::io::{BufReader, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::http::{self, HttpError, Response, StatusCode};
+use crate::pool::Pool;
+use crate::speech::{Engine, ModelInfo};
+
+/// Socket read timeout: a client that sends nothing for this long is dropped
+/// (also bounds keep-alive idling between requests).
+pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Socket write timeout: a client that stops reading for this long is dropped.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deadline for a whole request head from its first byte (slowloris).
+pub const HEAD_DEADLINE: Duration = Duration::from_secs(10);
+/// How long the accept loop waits for an evicted connection to free its slot.
+const EVICTION_WAIT: Duration = Duration::from_millis(200);
+/// SSE keep-alive comment interval.
+pub const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// Everything `serve` needs, typed (built from flags by `cli/serve.rs`).
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Listen address.
+    pub host: String,
+    /// Listen port (0: any).
+    pub port: u16,
+    /// Allowed to bind a non-loopback address.
+    pub allow_any_bind: bool,
+    /// Origin rules.
+    pub origins: guard::OriginPolicy,
+    /// Workers.
+    pub pool_size: usize,
+    /// Longest wait for a worker before 503.
+    pub checkout_timeout: Duration,
+    /// Requests per minute per client (0 = off).
+    pub rate_limit_per_minute: u32,
+    /// Burst size.
+    pub rate_limit_burst: u32,
+    /// Honour forwarding headers from a loopback peer.
+    pub trust_proxy: bool,
+    /// Largest request body.
+    pub body_limit_bytes: u64,
+    /// Largest WebSocket frame/message.
+    pub ws_frame_max_bytes: usize,
+    /// WebSocket idle timeout.
+    pub idle_timeout: Duration,
+    /// WebSocket session cap.
+    pub max_session: Duration,
+    /// Open connections at most.
+    pub max_connections: usize,
+    /// Drain time on shutdown.
+    pub shutdown_drain: Duration,
+    /// Serve `/metrics`.
+    pub metrics: bool,
+}
+
+/// The loaded model, once it is ready.
+pub struct Loaded {
+    /// Worker pool over the engine.
+    pub pool: Pool,
+    /// The engine (for model info and streaming VAD).
+    pub engine: Arc<Engine>,
+}
+
+/// Shared server state.
+pub struct App {
+    /// Configuration.
+    pub config: ServeConfig,
+    /// Set once the model is loaded; `/ready` is 503 before.
+    pub loaded: OnceLock<Loaded>,
+    /// Rate limiter.
+    pub limiter: guard::RateLimiter,
+    /// Counters.
+    pub metrics: metrics::Metrics,
+    /// Set on SIGTERM/SIGINT.
+    pub shutting_down: AtomicBool,
+    /// Open connections.
+    connections: AtomicUsize,
+    /// Connections waiting for a request head, oldest first (for eviction).
+    waiting_heads: Mutex<BTreeMap<u64, TcpStream>>,
+    next_id: AtomicU64,
+}
+
+impl App {
+    /// Fresh state for `config`.
+    pub fn new(config: ServeConfig) -> App {
+        App {
+            limiter: guard::RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst),
+            config,
+            loaded: OnceLock::new(),
+            metrics: metrics::Metrics::default(),
+            shutting_down: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+            waiting_heads: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(0),
+        }
+    }
+
+    /// Model info once loaded.
+    pub fn model_info(&self) -> Option<&ModelInfo> {
+        self.loaded.get().map(|l| l.engine.info())
+    }
+
+    /// True after a shutdown signal.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    fn evict_oldest_waiting(&self) -> bool {
+        let oldest = self
+            .waiting_heads
+            .lock()
+            .ok()
+            .and_then(|mut map| map.pop_first());
+        match oldest {
+            Some((_, stream)) => {
+                let _ = stream.shutdown(Shutdown::Both);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Decrements the connection count when a connection thread ends.
+struct ConnectionSlot<'a>(&'a AtomicUsize);
+
+impl Drop for ConnectionSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Binds the listener (after the bind check). Port 0 picks a free port.
+pub fn bind(config: &ServeConfig) -> Result<TcpListener, String> {
+    guard::check_bind(&config.host, config.allow_any_bind).map_err(|e| e.to_string())?;
+    let host = config.host.trim_start_matches('[').trim_end_matches(']');
+    TcpListener::bind((host, config.port))
+        .map_err(|e| format!("cannot listen on {}:{}: {e}", config.host, config.port))
+}
+
+/// Runs the accept loop until `app.shutting_down` is set, then drains.
+pub fn serve(app: Arc<App>, listener: TcpListener) -> Result<(), String> {
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    for stream in listener.incoming() {
+        if app.is_shutting_down() {
+            break;
+        }
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        admit(&app, stream);
+    }
+    drop(listener);
+    log::info!(
+        "stopped accepting on {local}; draining for up to {:?}",
+        app.config.shutdown_drain
+    );
+    let deadline = Instant::now() + app.config.shutdown_drain;
+    while app.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        // Idle keep-alive connections would hold the drain: close them now.
+        while app.evict_oldest_waiting() {}
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left = app.connections.load(Ordering::SeqCst);
+    if left > 0 {
+        log::warn!("{left} connection(s) still open after the drain period");
+    }
+    if let Some(loaded) = app.loaded.get() {
+        loaded.pool.shutdown();
+    }
+    log::info!("shutdown complete");
+    Ok(())
+}
+
+fn admit(app: &Arc<App>, stream: TcpStream) {
+    let cap = app.config.max_connections.max(1);
+    if app.connections.load(Ordering::SeqCst) >= cap && app.evict_oldest_waiting() {
+        let until = Instant::now() + EVICTION_WAIT;
+        while app.connections.load(Ordering::SeqCst) >= cap && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    if app.connections.fetch_add(1, Ordering::SeqCst) >= cap {
+        app.connections.fetch_sub(1, Ordering::SeqCst);
+        refuse_over_cap(stream);
+        return;
+    }
+    let thread_app = Arc::clone(app);
+    let spawned = std::thread::Builder::new()
+        .name("gigastt-conn".into())
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            let _slot = ConnectionSlot(&thread_app.connections);
+            handle_connection(&thread_app, stream);
+        });
+    if let Err(e) = spawned {
+        app.connections.fetch_sub(1, Ordering::SeqCst);
+        log::error!("cannot spawn connection thread: {e}");
+    }
+}
+
+fn refuse_over_cap(mut stream: TcpStream) {
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+    let err = error::ApiError::new(
+        StatusCode(503),
+        "too_many_connections",
+        "connection limit reached; retry shortly",
+    )
+    .retry_after(Duration::from_secs(1));
+    let _ = err.to_response().write_to(&mut stream, false);
+    let _ = stream.shutdown(Shutdown::Both);
+    log::warn!("connection refused: --max-connections reached");
+}
+
+/// What a handler did with the connection.
+pub(crate) enum Outcome {
+    /// A response was written; the connection may serve another request.
+    Continue,
+    /// The connection must be closed (streamed body, upgrade, error).
+    Close,
+}
+
+fn handle_connection(app: &Arc<App>, stream: TcpStream) {
+    let peer = match stream.peer_addr() {
+        Ok(p) => p,
+        Err(_) => return,
+    };
+    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let _ = stream.set_nodelay(true);
+    let Ok(write_half) = stream.try_clone() else {
+        return;
+    };
+    let mut writer = write_half;
+    let mut reader = BufReader::with_capacity(16 * 1024, stream);
+    let limits = http::Limits {
+        body_limit_bytes: app.config.body_limit_bytes,
+        head_deadline: HEAD_DEADLINE,
+    };
+    loop {
+        let id = app.next_id.fetch_add(1, Ordering::Relaxed);
+        if let (Ok(mut map), Ok(clone)) = (app.waiting_heads.lock(), reader.get_ref().try_clone()) {
+            map.insert(id, clone);
+        }
+        let head = http::read_head(&mut reader, &limits);
+        if let Ok(mut map) = app.waiting_heads.lock() {
+            map.remove(&id);
+        }
+        let request = match head {
+            Ok(r) => r,
+            Err(HttpError::ConnectionClosed) => return,
+            Err(HttpError::Http2Preface) => {
+                log::warn!(
+                    "{peer}: a client opened with the HTTP/2 preface (h2c), but gigastt speaks HTTP/1.1 only. \
+                     If this is a reverse proxy, drop `h2c` from its upstream transport (Caddy: remove \
+                     `transport http {{ versions h1 h2c }}`; plain `reverse_proxy 127.0.0.1:9876` works)"
+                );
+                let _ = writer.write_all(&http::h2_goaway_http11_required());
+                let _ = writer.flush();
+                return;
+            }
+            Err(HttpError::Io(_)) => return,
+            Err(e) => {
+                log::debug!("{peer}: bad request head: {e}");
+                let _ = error::ApiError::from(e)
+                    .to_response()
+                    .write_to(&mut writer, false);
+                return;
+            }
+        };
+        if app.is_shutting_down() {
+            let _ = error::ApiError::shutting_down()
+                .to_response()
+                .write_to(&mut writer, false);
+            return;
+        }
+        let started = Instant::now();
+        let fenced = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            routes::dispatch(app, &request, &mut reader, &mut writer, peer)
+        }));
+        let (outcome, status, route) = match fenced {
+            Ok(r) => r,
+            Err(_) => {
+                log::error!(
+                    "{peer}: handler panicked on {} {}",
+                    request.method,
+                    request.path
+                );
+                let _ = error::ApiError::internal()
+                    .to_response()
+                    .write_to(&mut writer, false);
+                (Outcome::Close, 500, "panic")
+            }
+        };
+        let elapsed = started.elapsed();
+        app.metrics.record_request(route, status, elapsed);
+        log::info!(
+            "{} {} {} {}ms {}",
+            request.method,
+            request.path,
+            status,
+            elapsed.as_millis(),
+            peer
+        );
+        match outcome {
+            Outcome::Continue if request.wants_keep_alive() && !app.is_shutting_down() => continue,
+            _ => return,
+        }
+    }
+}
+
+/// Writes `response`, honouring keep-alive; returns the outcome for the loop.
+pub(crate) fn send(
+    writer: &mut TcpStream,
+    request: &http::Request,
+    response: &Response,
+) -> Outcome {
+    let keep_alive = request.wants_keep_alive();
+    let written = if request.method == "HEAD" {
+        response.write_head_to(writer, keep_alive)
+    } else {
+        response.write_to(writer, keep_alive)
+    };
+    match written.and_then(|_| writer.flush()) {
+        Ok(()) if keep_alive => Outcome::Continue,
+        _ => Outcome::Close,
+    }
+}
+
+/// The peer's socket address.
+pub type Peer = SocketAddr;

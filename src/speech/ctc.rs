@@ -14,7 +14,11 @@ pub(crate) fn decode(
 ) -> Result<Vec<Token>, SpeechError> {
     let mut tokens = Vec::new();
     let mut prev = None;
-    for (t, row) in log_probs.chunks_exact(classes.max(1)).take(frames).enumerate() {
+    for (t, row) in log_probs
+        .chunks_exact(classes.max(1))
+        .take(frames)
+        .enumerate()
+    {
         let (k, logp) = argmax(row)?;
         if k != blank && prev != Some(k) {
             tokens.push(Token {

@@ -62,7 +62,11 @@ impl FeatureExtractor {
         let window = le_f32s(WINDOW_F32);
         let mel_fb = le_f32s(MEL_FB_F32);
         assert_eq!(window.len(), N_FFT, "window asset has 320 values");
-        assert_eq!(mel_fb.len(), N_FREQS * N_MELS, "filterbank asset is [161, 64]");
+        assert_eq!(
+            mel_fb.len(),
+            N_FREQS * N_MELS,
+            "filterbank asset is [161, 64]"
+        );
         FeatureExtractor {
             window,
             mel_fb,

@@ -97,7 +97,9 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("info", &self.info).finish_non_exhaustive()
+        f.debug_struct("Engine")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
     }
 }
 
@@ -114,7 +116,11 @@ impl Engine {
             Variant::Ctc => ("features", "feature_lengths"),
         };
         let encoder = model::load_encoder(&files.encoder, names, executor)?;
-        let decoder = files.decoder.as_deref().map(model::load_fixed).transpose()?;
+        let decoder = files
+            .decoder
+            .as_deref()
+            .map(model::load_fixed)
+            .transpose()?;
         let joint = files.joint.as_deref().map(model::load_fixed).transpose()?;
         let vad = vad::load_vad()?;
         let vocab = vocab::Vocab::load(&files.vocab)?;
@@ -245,14 +251,14 @@ impl Recognizer {
 
     /// Runs the encoder (RNN-T) or the whole CTC graph on features.
     pub fn encode(&mut self, mel: &MelFrames) -> Result<Encoded, SpeechError> {
-        let signal = Tensor::from_shape(&[1, features::N_MELS, mel.frames], &mel.data)
-            .map_err(inference)?;
+        let signal =
+            Tensor::from_shape(&[1, features::N_MELS, mel.frames], &mel.data).map_err(inference)?;
         let length = Tensor::from_shape(&[1], &[mel.frames as i64]).map_err(inference)?;
         let model = self.engine.encoder.model();
         let outlets = model.input_outlets().map_err(inference)?;
-        let first_is_signal = outlets
-            .first()
-            .is_some_and(|o| model.node(o.node).name != "length" && model.node(o.node).name != "feature_lengths");
+        let first_is_signal = outlets.first().is_some_and(|o| {
+            model.node(o.node).name != "length" && model.node(o.node).name != "feature_lengths"
+        });
         let inputs = if first_is_signal {
             tvec![signal.into_tvalue(), length.into_tvalue()]
         } else {
@@ -264,7 +270,9 @@ impl Recognizer {
             .ok_or_else(|| SpeechError::Inference("encoder returned nothing".into()))?;
         let shape = main.shape().to_vec();
         if shape.len() != 3 {
-            return Err(SpeechError::Inference(format!("encoder output rank {shape:?}")));
+            return Err(SpeechError::Inference(format!(
+                "encoder output rank {shape:?}"
+            )));
         }
         let data = main
             .try_as_plain_ram()
@@ -315,18 +323,29 @@ impl Recognizer {
     }
 
     /// Words of one piece, times shifted by `offset_secs`.
-    pub fn transcribe_piece(&mut self, samples: &[f32], offset_secs: f64) -> Result<Vec<Word>, SpeechError> {
+    pub fn transcribe_piece(
+        &mut self,
+        samples: &[f32],
+        offset_secs: f64,
+    ) -> Result<Vec<Word>, SpeechError> {
         let tokens = self.tokens(samples)?;
         Ok(self.engine.vocab.words(&tokens, offset_secs))
     }
 
     /// Speech regions of a whole signal (sample ranges), by Silero VAD.
-    pub fn speech_regions(&mut self, samples: &[f32]) -> Result<Vec<std::ops::Range<usize>>, SpeechError> {
+    pub fn speech_regions(
+        &mut self,
+        samples: &[f32],
+    ) -> Result<Vec<std::ops::Range<usize>>, SpeechError> {
         self.vad.reset()?;
         let mut probs = Vec::with_capacity(samples.len() / vad::VAD_WINDOW + 1);
         self.vad.push(samples, &mut probs)?;
         self.vad.finish(&mut probs)?;
-        Ok(vad::speech_timestamps(&probs, samples.len(), &vad::SpeechParams::default()))
+        Ok(vad::speech_timestamps(
+            &probs,
+            samples.len(),
+            &vad::SpeechParams::default(),
+        ))
     }
 
     /// Pieces to transcribe: the whole signal if short, else cut at pauses.
@@ -341,7 +360,11 @@ impl Recognizer {
     }
 
     /// Words of one planned piece (absolute times, only those it keeps).
-    pub fn transcribe_planned(&mut self, samples: &[f32], piece: &segment::Piece) -> Result<Vec<Word>, SpeechError> {
+    pub fn transcribe_planned(
+        &mut self,
+        samples: &[f32],
+        piece: &segment::Piece,
+    ) -> Result<Vec<Word>, SpeechError> {
         let rate = SAMPLE_RATE_HZ as f64;
         let slice = samples
             .get(piece.samples.clone())
@@ -369,7 +392,11 @@ impl Recognizer {
         let rate = SAMPLE_RATE_HZ as f64;
         for (i, piece) in pieces.iter().enumerate() {
             let words = self.transcribe_planned(samples, piece)?;
-            transcript.push_segment(piece.keep.start as f64 / rate, piece.keep.end as f64 / rate, words);
+            transcript.push_segment(
+                piece.keep.start as f64 / rate,
+                piece.keep.end as f64 / rate,
+                words,
+            );
             progress(i + 1, pieces.len());
         }
         Ok(transcript)

@@ -111,9 +111,17 @@ pub struct ModelFiles {
 /// File-name stems we know, best first: (variant, stem of graph files, vocab names).
 const LAYOUTS: &[(Variant, &str, &[&str])] = &[
     (Variant::Rnnt, "v3_e2e_rnnt", &["v3_e2e_rnnt_vocab.txt"]),
-    (Variant::Rnnt, "v3_rnnt", &["v3_rnnt_vocab.txt", "v3_vocab.txt"]),
+    (
+        Variant::Rnnt,
+        "v3_rnnt",
+        &["v3_rnnt_vocab.txt", "v3_vocab.txt"],
+    ),
     (Variant::Ctc, "v3_e2e_ctc", &["v3_e2e_ctc_vocab.txt"]),
-    (Variant::Ctc, "v3_ctc", &["v3_ctc_vocab.txt", "v3_vocab.txt"]),
+    (
+        Variant::Ctc,
+        "v3_ctc",
+        &["v3_ctc_vocab.txt", "v3_vocab.txt"],
+    ),
 ];
 
 /// Looks in `dir` for a complete model; `variant` restricts the search.
@@ -222,13 +230,21 @@ pub(crate) fn load_encoder(
     let signal = input_index(&model, names.0, path)?;
     let length = input_index(&model, names.1, path)?;
     let frames = model.symbols.sym("T");
-    let mut inputs = vec![(signal, f32::fact([1.to_dim(), N_MELS.to_dim(), frames.to_dim()]).into()), (length, i64::fact([1]).into())];
+    let mut inputs = vec![
+        (
+            signal,
+            f32::fact([1.to_dim(), N_MELS.to_dim(), frames.to_dim()]).into(),
+        ),
+        (length, i64::fact([1]).into()),
+    ];
     inputs.sort_by_key(|(ix, _)| *ix);
     for (ix, fact) in inputs {
         model.set_input_fact(ix, fact).map_err(&err)?;
     }
     for ix in 0..model.output_outlets().map_err(&err)?.len() {
-        model.set_output_fact(ix, InferenceFact::default()).map_err(&err)?;
+        model
+            .set_output_fact(ix, InferenceFact::default())
+            .map_err(&err)?;
     }
     let options = RunOptions {
         executor,
@@ -262,7 +278,10 @@ pub(crate) fn load_fixed_bytes(bytes: &[u8], name: &Path) -> Result<Plan, Speech
 
 /// Concrete size of axis `axis` of input `ix` of a plan.
 pub(crate) fn input_dim(plan: &Plan, ix: usize, axis: usize) -> Result<usize, SpeechError> {
-    let fact = plan.model().input_fact(ix).map_err(super::error::inference)?;
+    let fact = plan
+        .model()
+        .input_fact(ix)
+        .map_err(super::error::inference)?;
     fact.shape
         .get(axis)
         .and_then(|d| d.to_usize().ok())

@@ -48,7 +48,11 @@ pub(crate) fn input_positions<const N: usize>(
 }
 
 impl RnntDecoder {
-    pub(crate) fn new(decoder: &Plan, joint: &Plan, blank: usize) -> Result<RnntDecoder, SpeechError> {
+    pub(crate) fn new(
+        decoder: &Plan,
+        joint: &Plan,
+        blank: usize,
+    ) -> Result<RnntDecoder, SpeechError> {
         let dec_inputs = input_positions(decoder, ["x", "h.1", "c.1"])?;
         let joint_inputs = input_positions(joint, ["enc", "dec"])?;
         let hidden = input_dim(decoder, dec_inputs[1], 2)?;
@@ -112,12 +116,19 @@ impl RnntDecoder {
         Ok(tokens)
     }
 
-    fn step_decoder(&mut self, label: usize, h: &Tensor, c: &Tensor) -> Result<(Tensor, Tensor, Tensor), SpeechError> {
+    fn step_decoder(
+        &mut self,
+        label: usize,
+        h: &Tensor,
+        c: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor), SpeechError> {
         let x = Tensor::from_shape(&[1, 1], &[label as i64]).map_err(inference)?;
         let inputs = ordered(self.dec_inputs, [x, h.clone(), c.clone()]);
         let mut out = self.decoder.run(inputs).map_err(inference)?;
         if out.len() != 3 {
-            return Err(SpeechError::Inference("decoder must return dec, h, c".into()));
+            return Err(SpeechError::Inference(
+                "decoder must return dec, h, c".into(),
+            ));
         }
         let c = out.remove(2).into_tensor();
         let h = out.remove(1).into_tensor();

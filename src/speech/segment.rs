@@ -44,8 +44,14 @@ pub fn plan(num_samples: usize, rate_hz: usize, speech: &[Range<usize>]) -> Vec<
     // Pad each region into its neighbouring silence, never past the gap's midpoint.
     let mut padded: Vec<Range<usize>> = Vec::with_capacity(speech.len());
     for (i, r) in speech.iter().enumerate() {
-        let lo = if i == 0 { 0 } else { (speech[i - 1].end + r.start) / 2 };
-        let hi = speech.get(i + 1).map_or(num_samples, |n| (r.end + n.start) / 2);
+        let lo = if i == 0 {
+            0
+        } else {
+            (speech[i - 1].end + r.start) / 2
+        };
+        let hi = speech
+            .get(i + 1)
+            .map_or(num_samples, |n| (r.end + n.start) / 2);
         padded.push(r.start.saturating_sub(pad).max(lo)..(r.end + pad).min(hi).min(num_samples));
     }
     // Greedy packing of regions into segments of at most max_len.
@@ -98,7 +104,13 @@ mod tests {
     #[test]
     fn short_audio_is_one_piece() {
         let p = plan(10 * RATE, RATE, &[]);
-        assert_eq!(p, vec![Piece { samples: 0..10 * RATE, keep: 0..10 * RATE }]);
+        assert_eq!(
+            p,
+            vec![Piece {
+                samples: 0..10 * RATE,
+                keep: 0..10 * RATE
+            }]
+        );
         assert!(plan(0, RATE, &[]).is_empty());
     }
 

@@ -41,7 +41,9 @@ pub struct VadStream {
 
 impl std::fmt::Debug for VadStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VadStream").field("pending", &self.pending.len()).finish()
+        f.debug_struct("VadStream")
+            .field("pending", &self.pending.len())
+            .finish()
     }
 }
 
@@ -92,11 +94,14 @@ impl VadStream {
         self.window.copy_within(VAD_WINDOW.., 0);
         self.window[VAD_CONTEXT..].copy_from_slice(&self.pending);
         self.pending.clear();
-        let input = Tensor::from_shape(&[1, VAD_CONTEXT + VAD_WINDOW], &self.window).map_err(inference)?;
+        let input =
+            Tensor::from_shape(&[1, VAD_CONTEXT + VAD_WINDOW], &self.window).map_err(inference)?;
         let inputs = ordered(self.inputs, [input, self.rnn_state.clone()]);
         let mut out = self.state.run(inputs).map_err(inference)?;
         if out.len() != 2 {
-            return Err(SpeechError::Inference("VAD must return output, stateN".into()));
+            return Err(SpeechError::Inference(
+                "VAD must return output, stateN".into(),
+            ));
         }
         self.rnn_state = out.remove(1).into_tensor();
         let prob = out[0]

@@ -124,7 +124,11 @@ impl Vocab {
     }
 }
 
-fn push_word(words: &mut Vec<Word>, (text, first, last, prob_sum, n): (String, usize, usize, f32, usize), offset: f64) {
+fn push_word(
+    words: &mut Vec<Word>,
+    (text, first, last, prob_sum, n): (String, usize, usize, f32, usize),
+    offset: f64,
+) {
     if text.is_empty() {
         return;
     }
@@ -158,7 +162,10 @@ mod tests {
     #[test]
     fn words_have_times_and_confidence() {
         let t = |id, frame, prob| Token { id, frame, prob };
-        let words = vocab().words(&[t(1, 2, 1.0), t(2, 3, 0.5), t(3, 10, 0.8), t(4, 11, 0.6)], 1.0);
+        let words = vocab().words(
+            &[t(1, 2, 1.0), t(2, 3, 0.5), t(3, 10, 0.8), t(4, 11, 0.6)],
+            1.0,
+        );
         assert_eq!(words.len(), 2);
         assert_eq!(words[0].word, "Привет");
         assert!((words[0].start - 1.08).abs() < 1e-9);

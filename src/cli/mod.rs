@@ -1,0 +1,255 @@
+//! Command-line front: `gigastt serve | transcribe | download | health | help`.
+//!
+//! `run` parses, dispatches and maps every outcome to an exit code scripts can
+//! trust (see [`Exit`]); errors are printed once, as one line, on stderr.
+
+pub mod flags;
+pub mod serve;
+pub mod transcribe;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use flags::{Flag, RawFlags};
+
+/// Exit codes (documented in the README).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Everything worked.
+    Ok = 0,
+    /// At least one input could not be transcribed (bad audio), or the server failed.
+    Failed = 1,
+    /// Bad command line.
+    Usage = 2,
+    /// The model could not be found or loaded.
+    Model = 3,
+    /// Downloading the model failed.
+    Download = 4,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(e: Exit) -> Self {
+        ExitCode::from(e as u8)
+    }
+}
+
+/// An error with the exit code it maps to.
+#[derive(Debug)]
+pub struct CliError {
+    /// Exit code.
+    pub exit: Exit,
+    /// One-line message.
+    pub message: String,
+}
+
+impl CliError {
+    pub(crate) fn new(exit: Exit, message: impl Into<String>) -> CliError {
+        CliError {
+            exit,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn usage(message: impl Into<String>) -> CliError {
+        CliError::new(Exit::Usage, message)
+    }
+}
+
+const USAGE: &str = "gigastt — local Russian speech-to-text (GigaAM v3)
+
+usage:
+  gigastt serve [FLAGS]                       HTTP/WebSocket server on 127.0.0.1:9876
+  gigastt transcribe FILE... [FLAGS]          print transcripts (FILE '-' reads stdin)
+  gigastt download [--model-dir DIR] [--variant rnnt|rnnt-int8|ctc|ctc-int8]
+  gigastt health [--url URL]                  exit 0 when a server answers /health
+  gigastt help [serve|transcribe|download]    flags and their GIGASTT_* env vars
+  gigastt --version
+";
+
+/// Runs the command line (without the program name) and returns the exit code.
+pub fn run(args: Vec<OsString>) -> ExitCode {
+    match dispatch(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gigastt: {}", e.message);
+            e.exit.into()
+        }
+    }
+}
+
+fn dispatch(mut args: Vec<OsString>) -> Result<(), CliError> {
+    if args.is_empty() {
+        print!("{USAGE}");
+        return Err(CliError::usage("no command given"));
+    }
+    let command = args.remove(0).to_string_lossy().into_owned();
+    let env = |k: &str| std::env::var(k).ok();
+    let wants_help = args.iter().any(|a| a == "--help" || a == "-h");
+    match command.as_str() {
+        "--version" | "-V" | "version" => {
+            println!("gigastt {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        "help" | "--help" | "-h" => {
+            let topic = args.first().map(|a| a.to_string_lossy().into_owned());
+            print!("{}", help_for(topic.as_deref()));
+            Ok(())
+        }
+        _ if wants_help => {
+            print!("{}", help_for(Some(&command)));
+            Ok(())
+        }
+        "serve" => {
+            let raw = parse(args, &[flags::SERVE_FLAGS, flags::MODEL_FLAGS], &env)?;
+            init_logging(&raw)?;
+            serve::run(&raw)
+        }
+        "transcribe" => {
+            let raw = parse(args, &[flags::TRANSCRIBE_FLAGS, flags::MODEL_FLAGS], &env)?;
+            init_logging(&raw)?;
+            transcribe::run(&raw)
+        }
+        "health" => {
+            let raw = parse(args, &[flags::HEALTH_FLAGS], &env)?;
+            health(&raw)
+        }
+        other => {
+            print!("{USAGE}");
+            Err(CliError::usage(format!("unknown command {other:?}")))
+        }
+    }
+}
+
+fn parse(
+    args: Vec<OsString>,
+    tables: &[&[Flag]],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<RawFlags, CliError> {
+    flags::parse(args, tables, env).map_err(CliError::usage)
+}
+
+fn help_for(topic: Option<&str>) -> String {
+    let tables: &[&[Flag]] = match topic {
+        Some("serve") => &[flags::SERVE_FLAGS, flags::MODEL_FLAGS],
+        Some("transcribe") => &[flags::TRANSCRIBE_FLAGS, flags::MODEL_FLAGS],
+        Some("download") => &[flags::DOWNLOAD_FLAGS],
+        Some("health") => &[flags::HEALTH_FLAGS],
+        _ => return USAGE.to_string(),
+    };
+    let name = topic.unwrap_or_default();
+    format!(
+        "usage: gigastt {name} [FLAGS]\n\nflags (each also read from its env var):\n{}",
+        flags::help(tables)
+    )
+}
+
+fn init_logging(raw: &RawFlags) -> Result<(), CliError> {
+    let level: log::LevelFilter = raw
+        .parse("log-level")
+        .map_err(CliError::usage)?
+        .unwrap_or(log::LevelFilter::Info);
+    // tract logs every optimisation pass at debug; keep it to warnings.
+    let _ = simple_logger::SimpleLogger::new()
+        .with_level(level)
+        .with_module_level("tract_core", log::LevelFilter::Warn)
+        .with_module_level("tract_onnx", log::LevelFilter::Warn)
+        .with_module_level("tract_hir", log::LevelFilter::Warn)
+        .with_module_level("tract_linalg", log::LevelFilter::Warn)
+        .with_utc_timestamps()
+        .init();
+    Ok(())
+}
+
+/// The model directory: --model-dir, $GIGASTT_MODEL_DIR, ./models if it holds a
+/// model, else ~/.gigastt/models.
+pub fn resolve_model_dir(raw: &RawFlags) -> PathBuf {
+    if let Some(dir) = raw.get("model-dir") {
+        return PathBuf::from(dir);
+    }
+    let local = Path::new("models");
+    if crate::speech::model::find_model(local, None, Default::default()).is_ok() {
+        return local.to_path_buf();
+    }
+    home_models_dir()
+}
+
+/// `~/.gigastt/models`.
+pub fn home_models_dir() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(".gigastt")
+        .join("models")
+}
+
+/// CPU cores available to this process.
+pub fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn health(raw: &RawFlags) -> Result<(), CliError> {
+    let url = raw.get("url").unwrap_or("http://127.0.0.1:9876/health");
+    let agent = ureq::AgentBuilder::new()
+        .timeout(std::time::Duration::from_secs(5))
+        .build();
+    match agent.get(url).call() {
+        Ok(resp) if resp.status() == 200 => {
+            println!("ok");
+            Ok(())
+        }
+        Ok(resp) => Err(CliError::new(
+            Exit::Failed,
+            format!("{url} answered {}", resp.status()),
+        )),
+        Err(e) => Err(CliError::new(Exit::Failed, format!("{url}: {e}"))),
+    }
+}
+
+/// Engine options from the model flags; `workers` sizes the default thread count.
+pub(crate) fn engine_options(
+    raw: &RawFlags,
+    workers: usize,
+) -> Result<crate::speech::EngineOptions, CliError> {
+    let threads: Option<usize> = raw.parse("threads").map_err(CliError::usage)?;
+    Ok(crate::speech::EngineOptions {
+        variant: raw.parse("variant").map_err(CliError::usage)?,
+        precision: raw
+            .parse("precision")
+            .map_err(CliError::usage)?
+            .unwrap_or_default(),
+        encoder_threads: threads.unwrap_or_else(|| (cores() / workers.max(1)).max(1)),
+    })
+}
+
+/// Loads the engine, logging what was chosen; a test model is announced loudly.
+pub(crate) fn load_engine(
+    raw: &RawFlags,
+    workers: usize,
+) -> Result<std::sync::Arc<crate::speech::Engine>, CliError> {
+    let dir = resolve_model_dir(raw);
+    let options = engine_options(raw, workers)?;
+    let engine = crate::speech::Engine::load(&dir, &options)
+        .map_err(|e| CliError::new(Exit::Model, e.to_string()))?;
+    let info = engine.info();
+    log::info!(
+        "model {} loaded from {} in {} ms: {} {}, vocab {}, encoder threads {}",
+        info.id,
+        dir.display(),
+        info.load_ms,
+        info.variant.as_str(),
+        info.precision.as_str(),
+        info.vocab_size,
+        info.encoder_threads
+    );
+    if info.is_test_model {
+        log::warn!(
+            "{} is a TEST model with random weights, not GigaAM: its transcripts are meaningless \
+             outside the test fixtures. Run `gigastt download` for the real model.",
+            dir.display()
+        );
+    }
+    Ok(engine)
+}
