@@ -11,6 +11,7 @@ pub mod features;
 pub mod model;
 mod rnnt;
 pub mod segment;
+pub mod stream;
 pub mod transcript;
 pub mod vad;
 pub mod vocab;

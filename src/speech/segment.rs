@@ -17,6 +17,9 @@ pub const MAX_SEGMENT_SECS: f64 = 25.0;
 pub const OVERLAP_SECS: f64 = 1.0;
 /// Silence kept around speech inside a segment, in seconds (at most half the gap).
 pub const SEGMENT_PAD_SECS: f64 = 0.5;
+/// Pauses at least this long always end a segment, in seconds; shorter ones
+/// (breaths inside a sentence) are kept inside while the segment fits the cap.
+pub const CUT_PAUSE_SECS: f64 = 0.5;
 
 /// One piece to transcribe.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,11 +57,18 @@ pub fn plan(num_samples: usize, rate_hz: usize, speech: &[Range<usize>]) -> Vec<
             .map_or(num_samples, |n| (r.end + n.start) / 2);
         padded.push(r.start.saturating_sub(pad).max(lo)..(r.end + pad).min(hi).min(num_samples));
     }
-    // Greedy packing of regions into segments of at most max_len.
+    // Regions separated by short pauses are packed into segments of at most
+    // max_len; a long pause always starts a new segment.
+    let cut_gap = (CUT_PAUSE_SECS * rate_hz as f64) as usize;
     let mut groups: Vec<Range<usize>> = Vec::new();
-    for r in padded {
+    for (i, r) in padded.into_iter().enumerate() {
+        let gap = if i == 0 {
+            usize::MAX
+        } else {
+            speech[i].start.saturating_sub(speech[i - 1].end)
+        };
         match groups.last_mut() {
-            Some(g) if r.end - g.start <= max_len => g.end = r.end,
+            Some(g) if gap < cut_gap && r.end - g.start <= max_len => g.end = r.end,
             _ => groups.push(r),
         }
     }
@@ -117,14 +127,14 @@ mod tests {
     #[test]
     fn regions_pack_and_cut_in_silence() {
         let s = |a: f64, b: f64| (a * RATE as f64) as usize..(b * RATE as f64) as usize;
-        let speech = vec![s(1.0, 10.0), s(12.0, 20.0), s(22.0, 30.0), s(40.0, 45.0)];
+        let speech = vec![s(1.0, 10.0), s(10.2, 20.0), s(20.3, 30.0), s(40.0, 45.0)];
         let p = plan(60 * RATE, RATE, &speech);
-        assert_eq!(p.len(), 2);
+        assert_eq!(p.len(), 3);
         assert!(p.iter().all(|x| x.samples.len() <= 25 * RATE));
-        // First cut lies inside the 20..22 s pause.
-        assert!(p[0].samples.end > 20 * RATE && p[0].samples.end <= 22 * RATE);
-        // Long silence 45..60 s is skipped.
-        assert!(p[1].samples.end < 46 * RATE);
+        // Short pauses are packed up to the cap: the first cut lies in the 20..20.3 s pause.
+        assert!(p[0].samples.end > 20 * RATE && p[0].samples.end <= 20 * RATE + 4800);
+        // The 10 s pause before 40 s always cuts; the long silence 45..60 s is skipped.
+        assert!(p[2].samples.start > 30 * RATE && p[2].samples.end < 46 * RATE);
     }
 
     #[test]
