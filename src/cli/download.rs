@@ -30,9 +30,10 @@ use sha2::{Digest, Sha256};
 pub const DEFAULT_BASE_URL: &str = "https://huggingface.co/istupakov/gigaam-v3-onnx/resolve/main";
 /// The upstream Hugging Face repository, named in error messages.
 pub const UPSTREAM_REPO: &str = "istupakov/gigaam-v3-onnx";
-/// How long to wait for a TCP (and TLS) connection, in seconds' worth of `Duration`.
+/// How long to wait for the TCP connection to a host (15 s).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long one socket read may stall before the transfer counts as interrupted.
+/// How long one socket read or write may stall before the transfer counts as
+/// interrupted (30 s).
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most redirects followed per file (Hugging Face uses one, to its CDN).
 pub const MAX_REDIRECTS: usize = 5;
@@ -82,7 +83,11 @@ pub struct ParseVariantError(pub String);
 
 impl fmt::Display for ParseVariantError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "unknown model variant {:?} (rnnt, rnnt-int8, ctc or ctc-int8)", self.0)
+        write!(
+            f,
+            "unknown model variant {:?} (rnnt, rnnt-int8, ctc or ctc-int8)",
+            self.0
+        )
     }
 }
 
@@ -129,7 +134,11 @@ const CTC_VOCAB: RemoteFile<'static> = unpinned("v3_e2e_ctc_vocab.txt");
 
 /// A file whose hash comes from the server's `X-Linked-Etag`.
 const fn unpinned(name: &'static str) -> RemoteFile<'static> {
-    RemoteFile { name, size_bytes: None, sha256: None }
+    RemoteFile {
+        name,
+        size_bytes: None,
+        sha256: None,
+    }
 }
 
 /// Sizes and hashes: SPEC "Model".
@@ -220,11 +229,17 @@ pub struct Progress<'a> {
 /// one when it is done; chunk events are ignored.
 pub fn print_progress_line(p: &Progress<'_>) {
     let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
-    let total = p.total_bytes.map_or_else(|| "? MiB".to_owned(), |t| format!("{:.1} MiB", mib(t)));
+    let total = p
+        .total_bytes
+        .map_or_else(|| "? MiB".to_owned(), |t| format!("{:.1} MiB", mib(t)));
     match p.stage {
         Stage::Checking if p.done_bytes == 0 => eprintln!("{}: checking ({total})", p.file),
         Stage::Started if p.done_bytes > 0 => {
-            eprintln!("{}: resuming at {:.1} of {total}", p.file, mib(p.done_bytes))
+            eprintln!(
+                "{}: resuming at {:.1} of {total}",
+                p.file,
+                mib(p.done_bytes)
+            )
         }
         Stage::Started => eprintln!("{}: downloading {total}", p.file),
         Stage::Installed => eprintln!("{}: verified, installed", p.file),
@@ -337,14 +352,15 @@ pub enum DownloadError {
 impl fmt::Display for DownloadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Unreachable { file, host, model_dir, manual_urls, source } => {
-                write!(f, "cannot reach {host} to fetch {file} ({}", source.kind())?;
-                if let Some(message) = source.message() {
-                    write!(f, ": {message}")?;
-                }
-                if let Some(cause) = std::error::Error::source(source.as_ref()) {
-                    write!(f, ": {cause}")?;
-                }
+            Self::Unreachable {
+                file,
+                host,
+                model_dir,
+                manual_urls,
+                source,
+            } => {
+                let cause = describe_transport(source);
+                write!(f, "cannot reach {host} to fetch {file} ({cause}")?;
                 write!(
                     f,
                     "). The real GigaAM v3 weights come from Hugging Face ({UPSTREAM_REPO}); \
@@ -354,11 +370,19 @@ impl fmt::Display for DownloadError {
                 )
             }
             Self::BadUrl { url, reason } => write!(f, "cannot fetch {url}: {reason}"),
-            Self::HttpStatus { file, url, status: 404 } => write!(
+            Self::HttpStatus {
+                file,
+                url,
+                status: 404,
+            } => write!(
                 f,
                 "{file} was not found at {url} (HTTP 404); check the base URL and the variant"
             ),
-            Self::HttpStatus { file, url, status: status @ (401 | 403) } => write!(
+            Self::HttpStatus {
+                file,
+                url,
+                status: status @ (401 | 403),
+            } => write!(
                 f,
                 "access to {file} was refused at {url} (HTTP {status}); the repository may have \
                  moved or become gated: see https://huggingface.co/{UPSTREAM_REPO}"
@@ -366,12 +390,20 @@ impl fmt::Display for DownloadError {
             Self::HttpStatus { file, url, status } => {
                 write!(f, "fetching {file} from {url} failed with HTTP {status}")
             }
-            Self::Interrupted { file, done_bytes, source } => write!(
+            Self::Interrupted {
+                file,
+                done_bytes,
+                source,
+            } => write!(
                 f,
                 "download of {file} stopped after {done_bytes} bytes ({source}); \
                  run it again to resume from {file}{PART_SUFFIX}"
             ),
-            Self::HashMismatch { file, expected, actual } => write!(
+            Self::HashMismatch {
+                file,
+                expected,
+                actual,
+            } => write!(
                 f,
                 "SHA-256 mismatch for {file}: expected {expected}, got {actual}; \
                  the download was deleted"
@@ -482,8 +514,8 @@ impl Fetcher<'_> {
         }
         let expected = match file.sha256 {
             Some(pinned) => Some(pinned.to_ascii_lowercase()),
-            // Headers only: the body is dropped unread.
-            None => self.open(file.name, 0)?.linked_sha256,
+            // Headers only: stops at the first hop that names the hash.
+            None => self.open(file.name, 0, true)?.linked_sha256,
         };
         let report = |sha256: String, is_verified| FileReport {
             name: file.name.to_owned(),
@@ -500,7 +532,13 @@ impl Fetcher<'_> {
                     url: self.url(file.name),
                 });
             }
-            emit(progress, file.name, Stage::AlreadyPresent, size_bytes, Some(size_bytes));
+            emit(
+                progress,
+                file.name,
+                Stage::AlreadyPresent,
+                size_bytes,
+                Some(size_bytes),
+            );
             return Ok(Some(report(String::new(), false)));
         };
         let mut hasher = Sha256::new();
@@ -509,7 +547,13 @@ impl Fetcher<'_> {
         if actual != expected {
             return Ok(None);
         }
-        emit(progress, file.name, Stage::AlreadyPresent, size_bytes, Some(size_bytes));
+        emit(
+            progress,
+            file.name,
+            Stage::AlreadyPresent,
+            size_bytes,
+            Some(size_bytes),
+        );
         Ok(Some(report(actual, true)))
     }
 
@@ -553,29 +597,45 @@ impl Fetcher<'_> {
             }
             let total = total_bytes(&opened.response, from).or(file.size_bytes);
             emit(progress, file.name, Stage::Started, from, total);
-            let done = stream_body(opened.response, &part, from, total, &mut hasher, file.name, progress)?;
+            let done = stream_body(
+                opened.response,
+                &part,
+                from,
+                total,
+                &mut hasher,
+                file.name,
+                progress,
+            )?;
             (expected, done)
         };
         let actual = to_hex(&hasher.finalize());
-        if let Some(expected) = &expected {
-            if *expected != actual {
-                remove_if_present(&part)?;
-                return Err(DownloadError::HashMismatch {
-                    file: file.name.to_owned(),
-                    expected: expected.clone(),
-                    actual,
-                });
-            }
+        if let Some(expected) = &expected
+            && *expected != actual
+        {
+            remove_if_present(&part)?;
+            return Err(DownloadError::HashMismatch {
+                file: file.name.to_owned(),
+                expected: expected.clone(),
+                actual,
+            });
         }
         fs::rename(&part, path).map_err(io_error(path))?;
-        emit(progress, file.name, Stage::Installed, done_bytes, Some(done_bytes));
+        emit(
+            progress,
+            file.name,
+            Stage::Installed,
+            done_bytes,
+            Some(done_bytes),
+        );
         Ok(FileReport {
             name: file.name.to_owned(),
             path: path.to_owned(),
             size_bytes: done_bytes,
             sha256: actual,
             is_verified: expected.is_some(),
-            outcome: Outcome::Downloaded { resumed_from_bytes: resumed_from },
+            outcome: Outcome::Downloaded {
+                resumed_from_bytes: resumed_from,
+            },
         })
     }
 
@@ -590,7 +650,7 @@ impl Fetcher<'_> {
     ) -> Result<(Opened, u64), DownloadError> {
         loop {
             let offset = *resumed_from;
-            let opened = match self.open(name, offset) {
+            let opened = match self.open(name, offset, false) {
                 // Range not satisfiable: the part is no prefix of the file.
                 Err(DownloadError::HttpStatus { status: 416, .. }) if offset > 0 => None,
                 Err(e) => return Err(e),
@@ -623,8 +683,9 @@ impl Fetcher<'_> {
         }
     }
 
-    /// GET `name` from `offset`, following redirects by hand.
-    fn open(&self, name: &str, offset: u64) -> Result<Opened, DownloadError> {
+    /// GET `name` from `offset`, following redirects by hand. With `is_probe`, stop at
+    /// the first hop that names the hash: only the headers are wanted.
+    fn open(&self, name: &str, offset: u64, is_probe: bool) -> Result<Opened, DownloadError> {
         let mut url = self.url(name);
         let mut linked_sha256 = None;
         for _ in 0..=MAX_REDIRECTS {
@@ -636,15 +697,22 @@ impl Fetcher<'_> {
             let response = match request.call() {
                 Ok(response) => response,
                 Err(ureq::Error::Status(status, _)) => {
-                    return Err(DownloadError::HttpStatus { file: name.to_owned(), url, status });
+                    return Err(DownloadError::HttpStatus {
+                        file: name.to_owned(),
+                        url,
+                        status,
+                    });
                 }
                 Err(ureq::Error::Transport(t)) => return Err(self.transport_error(name, &url, t)),
             };
             if linked_sha256.is_none() {
                 linked_sha256 = response.header("x-linked-etag").and_then(parse_sha256_etag);
             }
-            if !(300..400).contains(&response.status()) {
-                return Ok(Opened { response, linked_sha256 });
+            if !(300..400).contains(&response.status()) || (is_probe && linked_sha256.is_some()) {
+                return Ok(Opened {
+                    response,
+                    linked_sha256,
+                });
             }
             let Some(location) = response.header("location") else {
                 return Err(DownloadError::HttpStatus {
@@ -658,14 +726,17 @@ impl Fetcher<'_> {
                 reason: format!("unusable redirect from {url}"),
             })?;
         }
-        Err(DownloadError::BadUrl { url, reason: format!("more than {MAX_REDIRECTS} redirects") })
+        Err(DownloadError::BadUrl {
+            url,
+            reason: format!("more than {MAX_REDIRECTS} redirects"),
+        })
     }
 
     fn transport_error(&self, name: &str, url: &str, t: ureq::Transport) -> DownloadError {
         match t.kind() {
             ureq::ErrorKind::InvalidUrl | ureq::ErrorKind::UnknownScheme => DownloadError::BadUrl {
                 url: url.to_owned(),
-                reason: t.to_string(),
+                reason: describe_transport(&t),
             },
             _ => DownloadError::Unreachable {
                 file: name.to_owned(),
@@ -724,7 +795,9 @@ fn stream_body(
         done += n as u64;
         emit(progress, name, Stage::Downloading, done, total);
     }
-    let out = out.into_inner().map_err(|e| io_error(part)(e.into_error()))?;
+    let out = out
+        .into_inner()
+        .map_err(|e| io_error(part)(e.into_error()))?;
     out.sync_all().map_err(io_error(part))?;
     match total {
         Some(total) if done < total => {
@@ -767,11 +840,19 @@ fn emit(
     done_bytes: u64,
     total_bytes: Option<u64>,
 ) {
-    progress(&Progress { file, stage, done_bytes, total_bytes });
+    progress(&Progress {
+        file,
+        stage,
+        done_bytes,
+        total_bytes,
+    });
 }
 
 fn io_error(path: &Path) -> impl Fn(io::Error) -> DownloadError + '_ {
-    move |source| DownloadError::Io { path: path.to_owned(), source }
+    move |source| DownloadError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 fn remove_if_present(path: &Path) -> Result<(), DownloadError> {
@@ -812,8 +893,12 @@ fn parse_range_start(value: &str) -> Option<u64> {
 /// is one; anything else (a git blob id, a weak tag) is no content hash.
 pub fn parse_sha256_etag(value: &str) -> Option<String> {
     let tag = value.trim();
-    let tag = tag.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(tag);
-    (tag.len() == 64 && tag.bytes().all(|b| b.is_ascii_hexdigit())).then(|| tag.to_ascii_lowercase())
+    let tag = tag
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(tag);
+    (tag.len() == 64 && tag.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| tag.to_ascii_lowercase())
 }
 
 /// Resolve a `Location` against the URL that sent it. `None` for a downgrade from
@@ -827,9 +912,15 @@ fn join_location(base: &str, location: &str) -> Option<String> {
     } else if location.starts_with('/') {
         format!("{scheme}://{}{location}", host_of(base))
     } else {
-        let dir_end = rest.rfind('/').map_or(base.len(), |i| scheme.len() + 3 + i + 1);
+        let dir_end = rest
+            .rfind('/')
+            .map_or(base.len(), |i| scheme.len() + 3 + i + 1);
         let dir = &base[..dir_end];
-        if dir.ends_with('/') { format!("{dir}{location}") } else { format!("{dir}/{location}") }
+        if dir.ends_with('/') {
+            format!("{dir}{location}")
+        } else {
+            format!("{dir}/{location}")
+        }
     };
     let is_downgrade = scheme.eq_ignore_ascii_case("https") && !joined.starts_with("https://");
     (!is_downgrade).then_some(joined)
@@ -839,6 +930,18 @@ fn join_location(base: &str, location: &str) -> Option<String> {
 fn host_of(url: &str) -> &str {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     rest.split(['/', '?', '#']).next().unwrap_or(rest)
+}
+
+/// What went wrong in the client, without the URL it prefixes (we name that ourselves).
+fn describe_transport(t: &ureq::Transport) -> String {
+    let mut text = t.kind().to_string();
+    if let Some(message) = t.message() {
+        text = format!("{text}: {message}");
+    }
+    if let Some(cause) = std::error::Error::source(t) {
+        text = format!("{text}: {cause}");
+    }
+    text
 }
 
 fn to_hex(bytes: &[u8]) -> String {
@@ -860,7 +963,10 @@ mod tests {
         for v in ModelVariant::ALL {
             assert_eq!(v.as_str().parse::<ModelVariant>(), Ok(v));
         }
-        assert_eq!("RNNT-INT8".parse::<ModelVariant>(), Ok(ModelVariant::RnntInt8));
+        assert_eq!(
+            "RNNT-INT8".parse::<ModelVariant>(),
+            Ok(ModelVariant::RnntInt8)
+        );
         let err = "fp16".parse::<ModelVariant>().unwrap_err();
         assert!(err.to_string().contains("rnnt-int8"), "{err}");
     }
@@ -880,16 +986,28 @@ mod tests {
     #[test]
     fn int8_and_ctc_tables_name_the_engine_files() {
         let names = |v| files(v).iter().map(|f| f.name).collect::<Vec<_>>();
-        assert_eq!(names(ModelVariant::RnntInt8)[0], "v3_e2e_rnnt_encoder_int8.onnx");
-        assert_eq!(names(ModelVariant::Ctc), ["v3_e2e_ctc.onnx", "v3_e2e_ctc_vocab.txt"]);
-        assert_eq!(names(ModelVariant::CtcInt8), ["v3_e2e_ctc_int8.onnx", "v3_e2e_ctc_vocab.txt"]);
+        assert_eq!(
+            names(ModelVariant::RnntInt8)[0],
+            "v3_e2e_rnnt_encoder_int8.onnx"
+        );
+        assert_eq!(
+            names(ModelVariant::Ctc),
+            ["v3_e2e_ctc.onnx", "v3_e2e_ctc_vocab.txt"]
+        );
+        assert_eq!(
+            names(ModelVariant::CtcInt8),
+            ["v3_e2e_ctc_int8.onnx", "v3_e2e_ctc_vocab.txt"]
+        );
     }
 
     #[test]
     fn etag_is_a_hash_only_when_it_is_64_hex() {
         let hash = "CD60B3764A832E8560AE6D3AD0B10ADC1A42FFAE412B9476F25620AAE4F4A508";
         let lower = hash.to_ascii_lowercase();
-        assert_eq!(parse_sha256_etag(&format!("\"{hash}\"")), Some(lower.clone()));
+        assert_eq!(
+            parse_sha256_etag(&format!("\"{hash}\"")),
+            Some(lower.clone())
+        );
         assert_eq!(parse_sha256_etag(&lower), Some(lower));
         assert_eq!(parse_sha256_etag("\"0123abcd\""), None);
         assert_eq!(parse_sha256_etag(&format!("W/\"{hash}\"")), None);
@@ -904,12 +1022,19 @@ mod tests {
             join_location(base, "/api/f").as_deref(),
             Some("https://huggingface.co/api/f")
         );
-        assert_eq!(join_location(base, "//cdn.example/y").as_deref(), Some("https://cdn.example/y"));
+        assert_eq!(
+            join_location(base, "//cdn.example/y").as_deref(),
+            Some("https://cdn.example/y")
+        );
         assert_eq!(
             join_location(base, "g.onnx").as_deref(),
             Some("https://huggingface.co/r/resolve/main/g.onnx")
         );
-        assert_eq!(join_location(base, "http://cdn.example/x"), None, "downgrade");
+        assert_eq!(
+            join_location(base, "http://cdn.example/x"),
+            None,
+            "downgrade"
+        );
         assert_eq!(host_of("http://127.0.0.1:9/a/b"), "127.0.0.1:9");
         assert_eq!(host_of("https://huggingface.co"), "huggingface.co");
     }
@@ -922,7 +1047,10 @@ mod tests {
 
     #[test]
     fn part_file_sits_next_to_the_file() {
-        assert_eq!(part_path(Path::new("m/a.onnx")), PathBuf::from("m/a.onnx.part"));
+        assert_eq!(
+            part_path(Path::new("m/a.onnx")),
+            PathBuf::from("m/a.onnx.part")
+        );
         assert_eq!(to_hex(&[0x00, 0xab, 0xff]), "00abff");
     }
 }

@@ -3,6 +3,7 @@
 //! `run` parses, dispatches and maps every outcome to an exit code scripts can
 //! trust (see [`Exit`]); errors are printed once, as one line, on stderr.
 
+pub mod download;
 pub mod flags;
 pub mod serve;
 pub mod transcribe;
@@ -110,6 +111,11 @@ fn dispatch(mut args: Vec<OsString>) -> Result<(), CliError> {
             init_logging(&raw)?;
             transcribe::run(&raw)
         }
+        "download" => {
+            let raw = parse(args, &[flags::DOWNLOAD_FLAGS, flags::MODEL_FLAGS], &env)?;
+            init_logging(&raw)?;
+            run_download(&raw)
+        }
         "health" => {
             let raw = parse(args, &[flags::HEALTH_FLAGS], &env)?;
             health(&raw)
@@ -133,7 +139,7 @@ fn help_for(topic: Option<&str>) -> String {
     let tables: &[&[Flag]] = match topic {
         Some("serve") => &[flags::SERVE_FLAGS, flags::MODEL_FLAGS],
         Some("transcribe") => &[flags::TRANSCRIBE_FLAGS, flags::MODEL_FLAGS],
-        Some("download") => &[flags::DOWNLOAD_FLAGS],
+        Some("download") => &[flags::DOWNLOAD_FLAGS, flags::MODEL_FLAGS],
         Some("health") => &[flags::HEALTH_FLAGS],
         _ => return USAGE.to_string(),
     };
@@ -252,4 +258,39 @@ pub(crate) fn load_engine(
         );
     }
     Ok(engine)
+}
+
+/// `gigastt download`: fetch the real weights into the model directory.
+fn run_download(raw: &RawFlags) -> Result<(), CliError> {
+    let dir = match raw.get("model-dir") {
+        Some(d) => PathBuf::from(d),
+        None => home_models_dir(),
+    };
+    let mut options = download::DownloadOptions::new(&dir);
+    if let Some(v) = raw.get("variant") {
+        options.variant = v
+            .parse()
+            .map_err(|e: download::ParseVariantError| CliError::usage(e.0))?;
+    }
+    if let Some(url) = raw.get("base-url") {
+        options.base_url = url.to_string();
+    }
+    options.allow_unverified = raw.is_set("allow-unverified");
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        CliError::new(
+            Exit::Download,
+            format!("cannot create {}: {e}", dir.display()),
+        )
+    })?;
+    let report = download::download(&options, &mut |p| download::print_progress_line(p))
+        .map_err(|e| CliError::new(Exit::Download, e.to_string()))?;
+    for f in &report.files {
+        println!("{}  {}", f.sha256, f.path.display());
+    }
+    eprintln!(
+        "model ready in {}: run `gigastt serve --model-dir {}`",
+        dir.display(),
+        dir.display()
+    );
+    Ok(())
 }
