@@ -3,11 +3,14 @@
 //!
 //! Tolerances (from the golden README): features 1e-3 abs, encoder output 1e-4
 //! abs, VAD probabilities 1e-3 abs; token ids and frames exact.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use gigastt::speech::{Engine, EngineOptions, Precision, PrecisionChoice, Recognizer, Variant, vad};
+use gigastt::speech::{
+    Engine, EngineOptions, Precision, PrecisionChoice, Recognizer, Variant, vad,
+};
 use serde_json::Value;
 
 const TINY: &str = "models/gigaam-v3-tiny-random";
@@ -39,7 +42,11 @@ fn f32s(name: &str) -> Vec<f32> {
 }
 
 fn usizes(v: &Value) -> Vec<usize> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
 }
 
 fn engine(variant: Variant, precision: Precision) -> Arc<Engine> {
@@ -53,16 +60,27 @@ fn engine(variant: Variant, precision: Precision) -> Arc<Engine> {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn inputs() -> Vec<(String, Value)> {
-    golden()["inputs"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    golden()["inputs"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 fn ids_frames(rec: &mut Recognizer, samples: &[f32]) -> (Vec<usize>, Vec<usize>) {
     let tokens = rec.tokens(samples).unwrap();
-    (tokens.iter().map(|t| t.id).collect(), tokens.iter().map(|t| t.frame).collect())
+    (
+        tokens.iter().map(|t| t.id).collect(),
+        tokens.iter().map(|t| t.frame).collect(),
+    )
 }
 
 #[test]
@@ -87,11 +105,21 @@ fn encoder_matches_within_1e4() {
     let engine = engine(Variant::Rnnt, Precision::Fp32);
     let mut rec = engine.recognizer().unwrap();
     for (name, g) in inputs() {
-        let Some(file) = g["encoded_file"].as_str() else { continue };
+        let Some(file) = g["encoded_file"].as_str() else {
+            continue;
+        };
         let samples = wav_samples(g["wav"].as_str().unwrap());
         let encoded = rec.encode(&rec.features(&samples)).unwrap();
-        assert_eq!(encoded.len, g["encoded_len"].as_u64().unwrap() as usize, "{name}");
-        assert_eq!(vec![encoded.dim, encoded.frames], usizes(&g["encoded_shape"]), "{name}");
+        assert_eq!(
+            encoded.len,
+            g["encoded_len"].as_u64().unwrap() as usize,
+            "{name}"
+        );
+        assert_eq!(
+            vec![encoded.dim, encoded.frames],
+            usizes(&g["encoded_shape"]),
+            "{name}"
+        );
         let diff = max_abs_diff(&encoded.data, &f32s(file));
         assert!(diff <= ENCODED_TOL, "{name}: encoded differs by {diff}");
     }
@@ -111,9 +139,21 @@ fn rnnt_ids_and_frames_are_identical() {
                 assert!(ids.is_empty(), "{name}: no golden, expected empty");
                 continue;
             }
-            assert_eq!(ids, usizes(&want["ids"]), "{name} max_symbols {max_symbols}: ids");
-            assert_eq!(frames, usizes(&want["frames"]), "{name} max_symbols {max_symbols}: frames");
-            assert_eq!(engine.text_of(&ids), want["text"].as_str().unwrap(), "{name}: text");
+            assert_eq!(
+                ids,
+                usizes(&want["ids"]),
+                "{name} max_symbols {max_symbols}: ids"
+            );
+            assert_eq!(
+                frames,
+                usizes(&want["frames"]),
+                "{name} max_symbols {max_symbols}: frames"
+            );
+            assert_eq!(
+                engine.text_of(&ids),
+                want["text"].as_str().unwrap(),
+                "{name}: text"
+            );
         }
     }
 }
@@ -132,7 +172,11 @@ fn ctc_ids_and_frames_are_identical() {
         }
         assert_eq!(ids, usizes(&want["ids"]), "{name}: ctc ids");
         assert_eq!(frames, usizes(&want["frames"]), "{name}: ctc frames");
-        assert_eq!(engine.text_of(&ids), want["text"].as_str().unwrap(), "{name}: ctc text");
+        assert_eq!(
+            engine.text_of(&ids),
+            want["text"].as_str().unwrap(),
+            "{name}: ctc text"
+        );
     }
 }
 
@@ -149,7 +193,11 @@ fn int8_encoder_decodes_to_the_same_ids() {
         }
         let samples = wav_samples(g["wav"].as_str().unwrap());
         let (ids, _) = ids_frames(&mut rec, &samples);
-        assert_eq!(ids, usizes(&g["rnnt"]["max_symbols_10"]["ids"]), "{name}: int8 ids");
+        assert_eq!(
+            ids,
+            usizes(&g["rnnt"]["max_symbols_10"]["ids"]),
+            "{name}: int8 ids"
+        );
         checked += 1;
     }
     assert!(checked >= 10, "only {checked} inputs checked");
@@ -169,7 +217,12 @@ fn vad_probabilities_and_segments_match() {
             stream.push(chunk, &mut probs).unwrap();
         }
         stream.finish(&mut probs).unwrap();
-        let want: Vec<f32> = g["probs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let want: Vec<f32> = g["probs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
         let diff = max_abs_diff(&probs, &want);
         assert!(diff <= VAD_TOL, "{wav}: VAD probs differ by {diff}");
         let regions = vad::speech_timestamps(&probs, samples.len(), &vad::SpeechParams::default());
@@ -179,8 +232,14 @@ fn vad_probabilities_and_segments_match() {
             .unwrap()
             .iter()
             .map(|s| match s {
-                Value::Array(a) => [a[0].as_u64().unwrap() as usize, a[1].as_u64().unwrap() as usize],
-                obj => [obj["start"].as_u64().unwrap() as usize, obj["end"].as_u64().unwrap() as usize],
+                Value::Array(a) => [
+                    a[0].as_u64().unwrap() as usize,
+                    a[1].as_u64().unwrap() as usize,
+                ],
+                obj => [
+                    obj["start"].as_u64().unwrap() as usize,
+                    obj["end"].as_u64().unwrap() as usize,
+                ],
             })
             .collect();
         assert_eq!(got, want, "{wav}: speech timestamps");
@@ -191,10 +250,17 @@ fn vad_probabilities_and_segments_match() {
 fn golos_fixtures_decode_to_their_golden_sentences() {
     let engine = engine(Variant::Rnnt, Precision::Fp32);
     let mut rec = engine.recognizer().unwrap();
-    for (name, g) in inputs().into_iter().filter(|(n, _)| n.starts_with("golos_")) {
+    for (name, g) in inputs()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("golos_"))
+    {
         let samples = wav_samples(g["wav"].as_str().unwrap());
         let transcript = rec.transcribe(&samples, |_, _| {}).unwrap();
-        assert_eq!(transcript.text, g["rnnt"]["max_symbols_10"]["text"].as_str().unwrap(), "{name}");
+        assert_eq!(
+            transcript.text,
+            g["rnnt"]["max_symbols_10"]["text"].as_str().unwrap(),
+            "{name}"
+        );
         assert!(!Path::new(TINY).is_absolute());
     }
 }

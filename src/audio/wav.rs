@@ -34,7 +34,7 @@ pub fn decode_wav(bytes: &[u8]) -> Result<Audio, AudioError> {
             )));
         }
     };
-    if interleaved.len() % usize::from(spec.channels) != 0 {
+    if !interleaved.len().is_multiple_of(usize::from(spec.channels)) {
         return Err(AudioError::Corrupt(
             "sample count is not a whole number of frames".into(),
         ));

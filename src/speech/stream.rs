@@ -99,10 +99,10 @@ impl UtteranceTracker {
                 self.silence_samples = 0;
             } else if self.in_speech && p < self.params.neg_threshold {
                 self.silence_samples += VAD_WINDOW;
-                if self.silence_samples as f64 >= END_SILENCE_SECS * RATE {
-                    if let Some(u) = self.cut(window_end) {
-                        out.push(u);
-                    }
+                if self.silence_samples as f64 >= END_SILENCE_SECS * RATE
+                    && let Some(u) = self.cut(window_end)
+                {
+                    out.push(u);
                 }
             }
             if self.in_speech {

@@ -170,10 +170,10 @@ pub fn speech_timestamps(probs: &[f32], num_samples: usize, p: &SpeechParams) ->
             temp_end = 0;
         }
     }
-    if let Some(s) = start {
-        if num_samples.saturating_sub(s) > p.min_speech_samples {
-            speeches.push(s..num_samples);
-        }
+    if let Some(s) = start
+        && num_samples.saturating_sub(s) > p.min_speech_samples
+    {
+        speeches.push(s..num_samples);
     }
     let pad = p.speech_pad_samples;
     let n = speeches.len();
