@@ -4,6 +4,8 @@
 //! other rates are brought to 16 kHz by a band-limited windowed-sinc resampler
 //! (`resample.rs`), and WebSocket PCM16 frames go through `pcm.rs`.
 
+#[cfg(feature = "formats")]
+mod compressed;
 pub mod pcm;
 pub mod resample;
 pub mod wav;
@@ -101,7 +103,11 @@ impl From<std::io::Error> for AudioError {
 
 /// Container formats this build decodes.
 pub fn supported_formats() -> Vec<&'static str> {
-    vec!["wav (PCM 8/16/24/32-bit, float32)"]
+    let mut formats = vec!["wav (PCM 8/16/24/32-bit, float32)"];
+    if cfg!(feature = "formats") {
+        formats.extend(["flac", "ogg/vorbis", "mp3", "m4a/aac"]);
+    }
+    formats
 }
 
 /// Decodes a whole file's bytes (format sniffed from content, never from a name).
@@ -111,6 +117,10 @@ pub fn decode(bytes: &[u8]) -> Result<Audio, AudioError> {
     }
     if bytes.len() >= 12 && (&bytes[0..4] == b"RIFF" || &bytes[0..4] == b"RIFX") {
         return wav::decode_wav(bytes);
+    }
+    #[cfg(feature = "formats")]
+    if let Some(result) = compressed::decode_compressed(bytes) {
+        return result;
     }
     Err(AudioError::UnsupportedFormat(sniff(bytes).to_string()))
 }
@@ -191,10 +201,22 @@ mod tests {
 
     #[test]
     fn unknown_bytes_name_supported_formats() {
-        let err = decode(b"fLaC\0\0\0\0\0\0\0\0").unwrap_err();
+        let err = decode(b"\x1a\x45\xdf\xa3 not really webm").unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("flac"), "{msg}");
+        assert!(msg.contains("webm"), "{msg}");
         assert!(msg.contains("wav"), "{msg}");
+    }
+
+    #[test]
+    fn garbage_is_unsupported_not_a_panic() {
+        for bytes in [
+            &b"hello world, not audio"[..],
+            &[0u8; 64][..],
+            &b"fLaC\0\0\0\0"[..],
+            &b"OggS"[..],
+        ] {
+            assert!(decode(bytes).is_err());
+        }
     }
 
     #[test]
