@@ -158,7 +158,17 @@ pub(crate) fn dispatch(
                 Err(e) => finish(writer, request, Err(e), &cors, label, false),
             };
         }
-        Route::OpenAi => super::openai::transcriptions(app, request, reader, writer, &cors),
+        Route::OpenAi => {
+            use super::openai::{self, Reply};
+            return match openai::transcriptions(app, request, reader, writer, &cors) {
+                Reply::Send(r) => finish(writer, request, Ok(r), &cors, label, true),
+                Reply::Close(r) => {
+                    let (_, status, label) = finish(writer, request, Ok(r), &cors, label, true);
+                    (Outcome::Close, status, label)
+                }
+                Reply::Streamed => (Outcome::Close, 200, label),
+            };
+        }
         Route::Ws => {
             return match ws::upgrade(app, request, reader, writer, peer) {
                 Ok(()) => (Outcome::Close, 101, label),
