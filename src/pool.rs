@@ -200,6 +200,20 @@ impl Pool {
         if self.inner.stopping.load(Ordering::SeqCst) {
             return Err(PoolError::ShuttingDown);
         }
+        // A zero checkout means "only if a worker is free now": decided here,
+        // since any deadline of "now" has passed by the time a worker looks.
+        let checkout = match checkout {
+            Some(d) if d.is_zero() => {
+                let q = self.inner.lock();
+                if self.inner.busy.load(Ordering::SeqCst) + q.stream.len() + q.batch.len()
+                    >= self.size
+                {
+                    return Err(PoolError::Saturated);
+                }
+                None
+            }
+            other => other,
+        };
         let (tx, rx): (SyncSender<Result<R, PoolError>>, _) = sync_channel(1);
         let refuse_tx = tx.clone();
         let job = Job {
@@ -342,18 +356,21 @@ fn worker_loop(inner: &Inner, engine: &Arc<Engine>, mut recognizer: Recognizer) 
                     return;
                 }
                 if let Some(job) = q.stream.pop_front().or_else(|| q.batch.pop_front()) {
+                    // Counted busy while the queue lock is held, so a zero-checkout
+                    // submit never sees a job that is neither queued nor busy.
+                    inner.busy.fetch_add(1, Ordering::SeqCst);
                     break job;
                 }
                 q = inner.ready.wait(q).unwrap_or_else(|p| p.into_inner());
             }
         };
         if job.deadline.is_some_and(|d| Instant::now() > d) {
+            inner.busy.fetch_sub(1, Ordering::SeqCst);
             (job.refuse)(PoolError::Saturated);
             continue;
         }
-        inner.busy.fetch_add(1, Ordering::Relaxed);
         let outcome = catch_unwind(AssertUnwindSafe(|| (job.task)(&mut recognizer)));
-        inner.busy.fetch_sub(1, Ordering::Relaxed);
+        inner.busy.fetch_sub(1, Ordering::SeqCst);
         if outcome.is_err() {
             // The job's sender was dropped in the unwind: its caller sees Failed.
             log::error!("a transcription job panicked; rebuilding this worker's recognizer");

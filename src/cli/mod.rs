@@ -73,7 +73,9 @@ pub fn run(args: Vec<OsString>) -> ExitCode {
     match dispatch(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("gigastt: {}", e.message);
+            if !e.message.is_empty() {
+                eprintln!("gigastt: {}", e.message);
+            }
             e.exit.into()
         }
     }
@@ -155,15 +157,12 @@ fn init_logging(raw: &RawFlags) -> Result<(), CliError> {
         .parse("log-level")
         .map_err(CliError::usage)?
         .unwrap_or(log::LevelFilter::Info);
-    // tract logs every optimisation pass at debug; keep it to warnings.
-    let _ = simple_logger::SimpleLogger::new()
-        .with_level(level)
-        .with_module_level("tract_core", log::LevelFilter::Warn)
-        .with_module_level("tract_onnx", log::LevelFilter::Warn)
-        .with_module_level("tract_hir", log::LevelFilter::Warn)
-        .with_module_level("tract_linalg", log::LevelFilter::Warn)
-        .with_utc_timestamps()
-        .init();
+    // The engine's dependencies log every optimisation pass at debug: keep them to warnings.
+    let logger = crate::speech::NOISY_LOG_TARGETS.iter().fold(
+        simple_logger::SimpleLogger::new().with_level(level),
+        |logger, target| logger.with_module_level(target, log::LevelFilter::Warn.min(level)),
+    );
+    let _ = logger.with_utc_timestamps().init();
     Ok(())
 }
 

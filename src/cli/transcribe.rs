@@ -50,10 +50,13 @@ pub fn run(raw: &RawFlags) -> Result<(), CliError> {
         }
     }
     if failed > 0 {
-        return Err(CliError::new(
-            Exit::Failed,
-            format!("{failed} of {} file(s) failed", raw.free.len()),
-        ));
+        // Each failure already printed its own line; a summary only helps with several files.
+        let summary = if raw.free.len() > 1 {
+            format!("{failed} of {} files failed", raw.free.len())
+        } else {
+            String::new()
+        };
+        return Err(CliError::new(Exit::Failed, summary));
     }
     Ok(())
 }

@@ -336,13 +336,15 @@ fn handle_connection(app: &Arc<App>, stream: TcpStream) {
     }
 }
 
-/// Writes `response`, honouring keep-alive; returns the outcome for the loop.
+/// Writes `response`; the connection is kept only if the client wants it and
+/// `may_keep` (false when an unread body is still on the wire).
 pub(crate) fn send(
     writer: &mut TcpStream,
     request: &http::Request,
     response: &Response,
+    may_keep: bool,
 ) -> Outcome {
-    let keep_alive = request.wants_keep_alive();
+    let keep_alive = may_keep && request.wants_keep_alive();
     let written = if request.method == "HEAD" {
         response.write_head_to(writer, keep_alive)
     } else {

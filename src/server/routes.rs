@@ -82,14 +82,7 @@ pub(crate) fn dispatch(
 ) -> (Outcome, u16, &'static str) {
     let origin = request.header("Origin");
     let Some((route, methods)) = Route::find(&request.path) else {
-        return finish(
-            writer,
-            request,
-            Err(ApiError::not_found()),
-            &[],
-            "other",
-            false,
-        );
+        return finish(writer, request, Err(ApiError::not_found()), &[], "other");
     };
     let label = route.label();
     let decision = if route == Route::Health {
@@ -107,7 +100,7 @@ pub(crate) fn dispatch(
             "origin_denied",
             "origin not allowed; see --allow-origin",
         );
-        return finish(writer, request, Err(err), &[], label, false);
+        return finish(writer, request, Err(err), &[], label);
     }
     let cors = if origin.is_some() {
         guard::cors_headers(decision, origin)
@@ -116,7 +109,11 @@ pub(crate) fn dispatch(
     };
     if request.method == "OPTIONS" {
         let response = Response::empty(StatusCode(204)).with_headers(cors);
-        return (send(writer, request, &response), 204, label);
+        return (
+            send(writer, request, &response, !has_body(request)),
+            204,
+            label,
+        );
     }
     if !methods.contains(&request.method.as_str()) {
         let err = ApiError::new(
@@ -128,10 +125,14 @@ pub(crate) fn dispatch(
             .to_response()
             .with_header("Allow", methods.join(", "))
             .with_headers(cors);
-        let outcome = send(writer, request, &response);
-        return (close_if_body(request, outcome), 405, label);
+        return (
+            send(writer, request, &response, !has_body(request)),
+            405,
+            label,
+        );
     }
-    if route != Route::Health && app.limiter.is_enabled() {
+    // Health checks (proxies poll /health and /ready) never spend a client's tokens.
+    if !matches!(route, Route::Health | Route::Ready) && app.limiter.is_enabled() {
         let ip = guard::client_ip(
             peer,
             request.header("X-Forwarded-For"),
@@ -142,7 +143,7 @@ pub(crate) fn dispatch(
             log::warn!("{peer}: rate limited ({ip})");
             let err = ApiError::new(StatusCode(429), "rate_limited", "too many requests")
                 .retry_after(retry);
-            return finish(writer, request, Err(err), &cors, label, false);
+            return finish(writer, request, Err(err), &cors, label);
         }
     }
     let result = match route {
@@ -155,15 +156,15 @@ pub(crate) fn dispatch(
         Route::TranscribeStream => {
             return match rest::transcribe_stream(app, request, reader, writer, &cors) {
                 Ok(()) => (Outcome::Close, 200, label),
-                Err(e) => finish(writer, request, Err(e), &cors, label, false),
+                Err(e) => finish(writer, request, Err(e), &cors, label),
             };
         }
         Route::OpenAi => {
             use super::openai::{self, Reply};
             return match openai::transcriptions(app, request, reader, writer, &cors) {
-                Reply::Send(r) => finish(writer, request, Ok(r), &cors, label, true),
+                Reply::Send(r) => finish(writer, request, Ok(r), &cors, label),
                 Reply::Close(r) => {
-                    let (_, status, label) = finish(writer, request, Ok(r), &cors, label, true);
+                    let (_, status, label) = finish(writer, request, Ok(r), &cors, label);
                     (Outcome::Close, status, label)
                 }
                 Reply::Streamed => (Outcome::Close, 200, label),
@@ -172,19 +173,11 @@ pub(crate) fn dispatch(
         Route::Ws => {
             return match ws::upgrade(app, request, reader, writer, peer) {
                 Ok(()) => (Outcome::Close, 101, label),
-                Err(e) => finish(writer, request, Err(e), &cors, label, false),
+                Err(e) => finish(writer, request, Err(e), &cors, label),
             };
         }
     };
-    let body_read = matches!(route, Route::Transcribe | Route::OpenAi);
-    finish(
-        writer,
-        request,
-        result,
-        &cors,
-        label,
-        body_read || !has_body(request),
-    )
+    finish(writer, request, result, &cors, label)
 }
 
 fn has_body(request: &Request) -> bool {
@@ -192,14 +185,6 @@ fn has_body(request: &Request) -> bool {
         .header("Content-Length")
         .is_some_and(|v| v.trim() != "0")
         || request.header("Transfer-Encoding").is_some()
-}
-
-fn close_if_body(request: &Request, outcome: Outcome) -> Outcome {
-    if has_body(request) {
-        Outcome::Close
-    } else {
-        outcome
-    }
 }
 
 /// Writes a handler's result. An error before the body was read closes the
@@ -210,7 +195,6 @@ fn finish(
     result: Result<Response, ApiError>,
     cors: &[(String, String)],
     label: &'static str,
-    body_consumed: bool,
 ) -> (Outcome, u16, &'static str) {
     let (response, is_error) = match result {
         Ok(r) => (r, false),
@@ -218,11 +202,7 @@ fn finish(
     };
     let response = response.with_headers(cors.iter().cloned());
     let status = response.status().as_u16();
-    let outcome = send(writer, request, &response);
-    let outcome = if is_error && !body_consumed {
-        close_if_body(request, outcome)
-    } else {
-        outcome
-    };
-    (outcome, status, label)
+    // After an error we cannot know how much of a body was read: close.
+    let may_keep = !(is_error && has_body(request));
+    (send(writer, request, &response, may_keep), status, label)
 }

@@ -33,6 +33,15 @@ pub use vocab::Token;
 use error::inference;
 use model::{ModelFiles, Plan};
 
+/// Log targets of the inference engine that are chatty at debug level.
+pub const NOISY_LOG_TARGETS: &[&str] = &[
+    "tract_core",
+    "tract_onnx",
+    "tract_hir",
+    "tract_linalg",
+    "tract_data",
+];
+
 /// Sample rate the engine takes.
 pub const SAMPLE_RATE_HZ: usize = 16_000;
 /// Encoder width of the published GigaAM v3 models (the tiny test model has 64).
