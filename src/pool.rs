@@ -216,9 +216,14 @@ impl Pool {
         };
         let (tx, rx): (SyncSender<Result<R, PoolError>>, _) = sync_channel(1);
         let refuse_tx = tx.clone();
+        let inner = Arc::clone(&self.inner);
         let job = Job {
             task: Box::new(move |rec| {
-                let _ = tx.send(f(rec).map_err(PoolError::Speech));
+                let result = f(rec).map_err(PoolError::Speech);
+                // The worker is free before its caller hears back, so a caller
+                // that submits again at once finds it idle.
+                inner.busy.fetch_sub(1, Ordering::SeqCst);
+                let _ = tx.send(result);
             }),
             deadline: checkout.map(|d| Instant::now() + d),
             refuse: Box::new(move |e| {
@@ -370,8 +375,9 @@ fn worker_loop(inner: &Inner, engine: &Arc<Engine>, mut recognizer: Recognizer) 
             continue;
         }
         let outcome = catch_unwind(AssertUnwindSafe(|| (job.task)(&mut recognizer)));
-        inner.busy.fetch_sub(1, Ordering::SeqCst);
         if outcome.is_err() {
+            // The task panicked before it released the worker.
+            inner.busy.fetch_sub(1, Ordering::SeqCst);
             // The job's sender was dropped in the unwind: its caller sees Failed.
             log::error!("a transcription job panicked; rebuilding this worker's recognizer");
             match engine.recognizer() {

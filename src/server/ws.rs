@@ -222,7 +222,11 @@ impl<'a> Session<'a> {
                     }
                 }
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
-                Message::Close(_) => return Ok("client closed"),
+                Message::Close(_) => {
+                    // tungstenite queued the echo of the client's Close: send it.
+                    let _ = self.socket.flush();
+                    return Ok("client closed");
+                }
             }
         }
     }
@@ -244,12 +248,10 @@ impl<'a> Session<'a> {
                     )?;
                     return Ok(false);
                 }
-                let rate = value
-                    .get("sample_rate")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(u64::from(DEFAULT_RATE_HZ));
-                match u32::try_from(rate)
-                    .ok()
+                let rate = value.get("sample_rate");
+                match rate
+                    .and_then(whole_number)
+                    .and_then(|r| u32::try_from(r).ok())
                     .filter(|r| SUPPORTED_RATES_HZ.contains(r))
                 {
                     Some(r) => {
@@ -260,7 +262,8 @@ impl<'a> Session<'a> {
                     None => self.error(
                         "unsupported_sample_rate",
                         &format!(
-                            "sample_rate {rate} not supported; use one of {SUPPORTED_RATES_HZ:?}"
+                            "sample_rate {} not supported; use one of {SUPPORTED_RATES_HZ:?}",
+                            rate.map_or("(missing)".to_string(), Value::to_string)
                         ),
                     )?,
                 }
@@ -308,7 +311,13 @@ impl<'a> Session<'a> {
                 samples,
                 offset_samples,
             } => {
-                self.jobs.retain(|j| j.is_final);
+                // A partial still running would hold a worker this final may
+                // need (with a zero checkout it would be refused): let it end.
+                while let Some(pos) = self.jobs.iter().position(|j| !j.is_final) {
+                    if let Some(job) = self.jobs.remove(pos) {
+                        let _ = job.pending.wait();
+                    }
+                }
                 (samples, offset_samples, true)
             }
         };
@@ -426,6 +435,15 @@ impl<'a> Session<'a> {
 fn word_json(w: &Word) -> Value {
     let ms = |s: f64| (s * 1000.0).round() / 1000.0;
     json!({"word": w.word, "start": ms(w.start), "end": ms(w.end), "confidence": (f64::from(w.confidence) * 1000.0).round() / 1000.0})
+}
+
+/// A JSON number that is a whole number (16000 or 16000.0), as u64.
+fn whole_number(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= f64::from(u32::MAX))
+            .map(|f| f as u64)
+    })
 }
 
 fn is_timeout(e: &std::io::Error) -> bool {
