@@ -29,11 +29,10 @@ use serde_json::{Value, json};
 use super::error::ApiError;
 use super::{App, SSE_KEEPALIVE, rest};
 use crate::http::{
-    BodyReader, HttpError, MultipartLimits, Part, Request, Response, SseWriter, StatusCode,
+    BodyReader, HttpError, MultipartLimits, Part, Request, Response, StatusCode,
     boundary_from_content_type, parse_multipart, write_continue,
 };
 use crate::output::{self, Format};
-use crate::pool::Event;
 use crate::speech::Transcript;
 
 /// What the handler did; `routes.rs` writes the response or just closes.
@@ -260,39 +259,27 @@ fn transcribe(
     let started = Instant::now();
     let pieces = pool.plan(&samples, app.config.checkout_timeout)?;
     if form.stream {
-        let Ok(mut sse) = SseWriter::start(&mut *writer, cors) else {
-            return Ok(Reply::Streamed);
-        };
-        let mut is_broken = false;
-        let result = pool.transcribe_pieces(&samples, &pieces, SSE_KEEPALIVE, |event| {
-            if is_broken {
-                return;
-            }
-            let sent = match event {
-                Event::Segment(t) => {
-                    let Some(segment) = t.segments.last() else {
-                        return;
-                    };
-                    let space = if t.segments.len() > 1 { " " } else { "" };
-                    let delta = format!("{space}{}", segment.text);
-                    sse.event(&json!({"type": "transcript.text.delta", "delta": delta}).to_string())
+        rest::stream_sse(
+            app,
+            pool,
+            (&samples, &pieces, started),
+            writer,
+            cors,
+            |t| {
+                let segment = t.segments.last()?;
+                let space = if t.segments.len() > 1 { " " } else { "" };
+                let delta = format!("{space}{}", segment.text);
+                Some(json!({"type": "transcript.text.delta", "delta": delta}))
+            },
+            |result| match result {
+                Ok(t) => json!({"type": "transcript.text.done", "text": t.text}),
+                Err(e) => {
+                    let mut data = OpenAiError::from(e).body();
+                    data["type"] = json!("error");
+                    data
                 }
-                Event::Heartbeat => sse.comment("keep-alive"),
-            };
-            is_broken = sent.is_err();
-        });
-        let data = match result {
-            Ok(t) => {
-                app.metrics.record_work(t.duration, started.elapsed());
-                json!({"type": "transcript.text.done", "text": t.text})
-            }
-            Err(e) => {
-                let mut data = OpenAiError::from(e).body();
-                data["type"] = json!("error");
-                data
-            }
-        };
-        let _ = sse.event(&data.to_string());
+            },
+        );
         return Ok(Reply::Streamed);
     }
     let transcript = pool.transcribe_pieces(&samples, &pieces, SSE_KEEPALIVE, |_| {})?;

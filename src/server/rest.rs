@@ -12,7 +12,9 @@ use super::routes::read_body;
 use super::{App, SSE_KEEPALIVE};
 use crate::http::{Request, Response, SseWriter, StatusCode};
 use crate::output::{self, Format};
-use crate::pool::{Event, Pool};
+use crate::pool::{Event, Pool, PoolError};
+use crate::speech::Transcript;
+use crate::speech::segment::Piece;
 
 /// Sample rates the WebSocket accepts (SPEC.md).
 pub const SUPPORTED_RATES_HZ: &[u32] = &[8_000, 16_000, 24_000, 44_100, 48_000];
@@ -154,46 +156,76 @@ pub(crate) fn transcribe_stream(
     drop(bytes);
     let started = Instant::now();
     let pieces = pool.plan(&samples, app.config.checkout_timeout)?;
+    stream_sse(
+        app,
+        pool,
+        (&samples, &pieces, started),
+        writer,
+        cors,
+        |t| {
+            let seg = t.segments.last()?;
+            let words = Transcript {
+                words: t.segment_words(seg).to_vec(),
+                ..Default::default()
+            };
+            Some(json!({
+                "type": "partial",
+                "text": seg.text,
+                "start": round_ms(seg.start),
+                "end": round_ms(seg.end),
+                "words": output::to_json(&words)["words"],
+            }))
+        },
+        |result| match result {
+            Ok(transcript) => {
+                let mut data = output::to_json(&transcript);
+                data["type"] = json!("final");
+                data
+            }
+            Err(e) => {
+                let e = ApiError::from(e);
+                json!({"type": "error", "code": e.code, "message": e.message})
+            }
+        },
+    );
+    Ok(())
+}
+
+/// Writes a transcription as Server-Sent Events, shared by our stream route and
+/// the OpenAI one: `on_segment` renders each finished segment (None: skip), a
+/// comment keeps the stream alive every [`SSE_KEEPALIVE`], and `last` renders
+/// the closing event from the outcome. A client that goes away stops the writes,
+/// not the transcription (its workers are already committed).
+pub(crate) fn stream_sse(
+    app: &App,
+    pool: &Pool,
+    (samples, pieces, started): (&Arc<Vec<f32>>, &[Piece], Instant),
+    writer: &mut TcpStream,
+    cors: &[(String, String)],
+    mut on_segment: impl FnMut(&Transcript) -> Option<serde_json::Value>,
+    last: impl FnOnce(Result<Transcript, PoolError>) -> serde_json::Value,
+) {
     let Ok(mut sse) = SseWriter::start(&mut *writer, cors) else {
-        return Ok(());
+        return;
     };
-    let mut broken = false;
-    let result = pool.transcribe_pieces(&samples, &pieces, SSE_KEEPALIVE, |event| {
-        if broken {
+    let mut is_broken = false;
+    let result = pool.transcribe_pieces(samples, pieces, SSE_KEEPALIVE, |event| {
+        if is_broken {
             return;
         }
         let sent = match event {
-            Event::Segment(t) => {
-                let Some(seg) = t.segments.last() else { return };
-                let words = t.segment_words(seg);
-                let data = json!({
-                    "type": "partial",
-                    "text": seg.text,
-                    "start": round_ms(seg.start),
-                    "end": round_ms(seg.end),
-                    "words": output::to_json(&crate::speech::Transcript { words: words.to_vec(), ..Default::default() })["words"],
-                });
-                sse.event(&data.to_string())
-            }
+            Event::Segment(t) => match on_segment(t) {
+                Some(data) => sse.event(&data.to_string()),
+                None => Ok(()),
+            },
             Event::Heartbeat => sse.comment("keep-alive"),
         };
-        broken = sent.is_err();
+        is_broken = sent.is_err();
     });
-    match result {
-        Ok(transcript) => {
-            app.metrics
-                .record_work(transcript.duration, started.elapsed());
-            let mut data = output::to_json(&transcript);
-            data["type"] = json!("final");
-            let _ = sse.event(&data.to_string());
-        }
-        Err(e) => {
-            let e = ApiError::from(e);
-            let _ = sse
-                .event(&json!({"type": "error", "code": e.code, "message": e.message}).to_string());
-        }
+    if let Ok(t) = &result {
+        app.metrics.record_work(t.duration, started.elapsed());
     }
-    Ok(())
+    let _ = sse.event(&last(result).to_string());
 }
 
 fn round_ms(secs: f64) -> f64 {
