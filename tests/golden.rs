@@ -264,3 +264,24 @@ fn golos_fixtures_decode_to_their_golden_sentences() {
         assert!(!Path::new(TINY).is_absolute());
     }
 }
+
+#[test]
+fn inputs_under_two_frames_are_silence_not_errors() {
+    // The encoder plan asserts T >= 2 (docs/perf.md): 320..479 samples give one
+    // frame, which the recognizer must treat as silence instead of running it.
+    let engine = engine(Variant::Rnnt, Precision::Fp32);
+    let mut rec = engine.recognizer().unwrap();
+    for n in [0, 100, 319, 320, 479] {
+        assert!(rec.tokens(&vec![0.3; n]).unwrap().is_empty(), "{n} samples");
+    }
+    assert!(
+        rec.transcribe(&[0.3; 479], |_, _| {})
+            .unwrap()
+            .text
+            .is_empty()
+    );
+    // Two frames do run the encoder.
+    let mel = rec.features(&[0.1; 480]);
+    assert_eq!(mel.frames, 2);
+    assert!(rec.encode(&mel).is_ok());
+}

@@ -261,6 +261,13 @@ impl Recognizer {
 
     /// Runs the encoder (RNN-T) or the whole CTC graph on features.
     pub fn encode(&mut self, mel: &MelFrames) -> Result<Encoded, SpeechError> {
+        if mel.frames < model::MIN_ENCODER_FRAMES {
+            return Err(SpeechError::Inference(format!(
+                "{} feature frame(s): the encoder needs at least {}",
+                mel.frames,
+                model::MIN_ENCODER_FRAMES
+            )));
+        }
         let signal =
             Tensor::from_shape(&[1, features::N_MELS, mel.frames], &mel.data).map_err(inference)?;
         let length = Tensor::from_shape(&[1], &[mel.frames as i64]).map_err(inference)?;
@@ -312,7 +319,8 @@ impl Recognizer {
     /// Tokens of one piece of audio (at most [`segment::MAX_SEGMENT_SECS`]).
     pub fn tokens(&mut self, samples: &[f32]) -> Result<Vec<Token>, SpeechError> {
         let mel = self.features(samples);
-        if mel.frames == 0 {
+        // Under 30 ms (fewer than two frames) cannot hold a word.
+        if mel.frames < model::MIN_ENCODER_FRAMES {
             return Ok(Vec::new());
         }
         let encoded = self.encode(&mel)?;

@@ -15,6 +15,10 @@ use tract_onnx::tract_hir::internal::InferenceFact;
 use super::SpeechError;
 use super::features::N_MELS;
 
+/// Fewest feature frames the encoder runs on (30 ms of audio); shorter input is
+/// silence to us. Declared to tract as an assertion on `T`.
+pub const MIN_ENCODER_FRAMES: usize = 2;
+
 /// A runnable graph, shared by every worker.
 pub(crate) type Plan = Arc<TypedRunnableModel>;
 
@@ -229,6 +233,13 @@ pub(crate) fn load_encoder(
     let mut model = onnx.model_for_path(path).map_err(&err)?;
     let signal = input_index(&model, names.0, path)?;
     let length = input_index(&model, names.1, path)?;
+    // With T >= 2 proven, tract fuses bias adds into the matmuls (a symbolic T
+    // could be 1, which broadcasts differently): ~10 % faster on 10 s at one
+    // thread (docs/perf.md). The recognizer never runs the encoder on fewer frames.
+    model
+        .symbols
+        .add_assertion(format!("T >= {MIN_ENCODER_FRAMES}"))
+        .map_err(&err)?;
     let frames = model.symbols.sym("T");
     let mut inputs = vec![
         (
