@@ -98,7 +98,7 @@ pub struct App {
     /// Open connections.
     connections: AtomicUsize,
     /// Connections waiting for a request head, oldest first (for eviction).
-    waiting_heads: Mutex<BTreeMap<u64, TcpStream>>,
+    waiting_heads: Mutex<BTreeMap<u64, Arc<TcpStream>>>,
     next_id: AtomicU64,
 }
 
@@ -258,6 +258,11 @@ fn handle_connection(app: &Arc<App>, stream: TcpStream) {
     let Ok(write_half) = stream.try_clone() else {
         return;
     };
+    // One more handle, made once, lets the accept loop shut this socket down
+    // while it waits for a head (eviction); registering it costs no syscall.
+    let Ok(evict_handle) = stream.try_clone().map(Arc::new) else {
+        return;
+    };
     let mut writer = write_half;
     let mut reader = BufReader::with_capacity(16 * 1024, stream);
     let limits = http::Limits {
@@ -266,8 +271,8 @@ fn handle_connection(app: &Arc<App>, stream: TcpStream) {
     };
     loop {
         let id = app.next_id.fetch_add(1, Ordering::Relaxed);
-        if let (Ok(mut map), Ok(clone)) = (app.waiting_heads.lock(), reader.get_ref().try_clone()) {
-            map.insert(id, clone);
+        if let Ok(mut map) = app.waiting_heads.lock() {
+            map.insert(id, Arc::clone(&evict_handle));
         }
         let head = http::read_head(&mut reader, &limits);
         if let Ok(mut map) = app.waiting_heads.lock() {

@@ -98,6 +98,8 @@ pub struct Engine {
     info: ModelInfo,
     files: ModelFiles,
     encoder: Plan,
+    /// Whether the encoder takes the features before the length (found at load).
+    encoder_signal_first: bool,
     decoder: Option<Plan>,
     joint: Option<Plan>,
     vad: Plan,
@@ -126,6 +128,8 @@ impl Engine {
             Variant::Ctc => ("features", "feature_lengths"),
         };
         let encoder = model::load_encoder(&files.encoder, names, executor)?;
+        let [signal_ix, length_ix] = rnnt::input_positions(&encoder, [names.0, names.1])?;
+        let encoder_signal_first = signal_ix < length_ix;
         let decoder = files
             .decoder
             .as_deref()
@@ -171,6 +175,7 @@ impl Engine {
             info,
             files,
             encoder,
+            encoder_signal_first,
             decoder,
             joint,
             vad,
@@ -271,12 +276,7 @@ impl Recognizer {
         let signal =
             Tensor::from_shape(&[1, features::N_MELS, mel.frames], &mel.data).map_err(inference)?;
         let length = Tensor::from_shape(&[1], &[mel.frames as i64]).map_err(inference)?;
-        let model = self.engine.encoder.model();
-        let outlets = model.input_outlets().map_err(inference)?;
-        let first_is_signal = outlets.first().is_some_and(|o| {
-            model.node(o.node).name != "length" && model.node(o.node).name != "feature_lengths"
-        });
-        let inputs = if first_is_signal {
+        let inputs = if self.engine.encoder_signal_first {
             tvec![signal.into_tvalue(), length.into_tvalue()]
         } else {
             tvec![length.into_tvalue(), signal.into_tvalue()]
