@@ -277,11 +277,7 @@ impl Pool {
         heartbeat: Duration,
         mut on_event: impl FnMut(Event<'_>),
     ) -> Result<Transcript, PoolError> {
-        let rate = crate::speech::SAMPLE_RATE_HZ as f64;
-        let mut transcript = Transcript {
-            duration: samples.len() as f64 / rate,
-            ..Transcript::default()
-        };
+        let mut transcript = Transcript::for_samples(samples.len());
         let mut in_flight = VecDeque::new();
         let mut next = 0;
         while next < pieces.len() || !in_flight.is_empty() {
@@ -307,11 +303,7 @@ impl Pool {
                     }
                 };
                 let before = transcript.segments.len();
-                transcript.push_segment(
-                    piece.keep.start as f64 / rate,
-                    piece.keep.end as f64 / rate,
-                    words,
-                );
+                transcript.push_piece(piece, words);
                 if transcript.segments.len() > before {
                     on_event(Event::Segment(&transcript));
                 }

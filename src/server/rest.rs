@@ -92,7 +92,8 @@ pub(crate) fn metrics(app: &App) -> Response {
     )
 }
 
-fn loading() -> ApiError {
+/// 503 while the model loads (REST and WebSocket upgrades alike).
+pub(crate) fn loading() -> ApiError {
     ApiError::new(StatusCode(503), "model_loading", "model is still loading")
         .retry_after(std::time::Duration::from_secs(1))
 }

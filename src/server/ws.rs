@@ -59,10 +59,7 @@ pub(crate) fn upgrade(
     if app.is_shutting_down() {
         return Err(ApiError::shutting_down());
     }
-    let loaded = app.loaded.get().ok_or_else(|| {
-        ApiError::new(StatusCode(503), "model_loading", "model is still loading")
-            .retry_after(Duration::from_secs(1))
-    })?;
+    let loaded = app.loaded.get().ok_or_else(super::rest::loading)?;
     let key = request.header("Sec-WebSocket-Key").unwrap_or_default();
     let accept = tungstenite::handshake::derive_accept_key(key.trim().as_bytes());
     Response::websocket_accept(&accept)

@@ -403,18 +403,10 @@ impl Recognizer {
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Transcript, SpeechError> {
         let pieces = self.plan_pieces(samples)?;
-        let mut transcript = Transcript {
-            duration: samples.len() as f64 / SAMPLE_RATE_HZ as f64,
-            ..Transcript::default()
-        };
-        let rate = SAMPLE_RATE_HZ as f64;
+        let mut transcript = Transcript::for_samples(samples.len());
         for (i, piece) in pieces.iter().enumerate() {
             let words = self.transcribe_planned(samples, piece)?;
-            transcript.push_segment(
-                piece.keep.start as f64 / rate,
-                piece.keep.end as f64 / rate,
-                words,
-            );
+            transcript.push_piece(piece, words);
             progress(i + 1, pieces.len());
         }
         Ok(transcript)

@@ -49,6 +49,24 @@ pub struct Transcript {
 }
 
 impl Transcript {
+    /// An empty transcript for `num_samples` of 16 kHz audio.
+    pub fn for_samples(num_samples: usize) -> Transcript {
+        Transcript {
+            duration: num_samples as f64 / super::SAMPLE_RATE_HZ as f64,
+            ..Transcript::default()
+        }
+    }
+
+    /// Appends the words a planned piece keeps, as one segment spanning its keep range.
+    pub fn push_piece(&mut self, piece: &super::segment::Piece, words: Vec<Word>) {
+        let rate = super::SAMPLE_RATE_HZ as f64;
+        self.push_segment(
+            piece.keep.start as f64 / rate,
+            piece.keep.end as f64 / rate,
+            words,
+        );
+    }
+
     /// Words of one segment.
     pub fn segment_words(&self, segment: &Segment) -> &[Word] {
         let end = (segment.first_word + segment.word_count).min(self.words.len());
