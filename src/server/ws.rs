@@ -97,11 +97,17 @@ pub(crate) fn upgrade(
     Ok(())
 }
 
+/// What a job returns: the words, and the audio and worker time it took.
+struct Transcribed {
+    words: Vec<Word>,
+    audio_secs: f64,
+    inference: Duration,
+}
+
 /// A transcription job of this session.
 struct Job {
     is_final: bool,
-    offset_secs: f64,
-    pending: Pending<Vec<Word>>,
+    pending: Pending<Transcribed>,
 }
 
 struct Session<'a> {
@@ -327,23 +333,20 @@ impl<'a> Session<'a> {
         } else {
             PARTIAL_CHECKOUT
         };
-        let started = Instant::now();
-        let duration = samples.len() as f64 / SAMPLE_RATE_HZ as f64;
+        let audio_secs = samples.len() as f64 / SAMPLE_RATE_HZ as f64;
         match loaded
             .pool
             .submit(Priority::Stream, Some(checkout), move |rec| {
-                let words = rec.transcribe_piece(&samples, offset_secs);
-                log::debug!(
-                    "ws job: {duration:.1} s of audio in {} ms",
-                    started.elapsed().as_millis()
-                );
-                words
+                // Timed on the worker: inference only, not the wait in the queue.
+                let started = Instant::now();
+                let words = rec.transcribe_piece(&samples, offset_secs)?;
+                Ok(Transcribed {
+                    words,
+                    audio_secs,
+                    inference: started.elapsed(),
+                })
             }) {
-            Ok(pending) => self.jobs.push_back(Job {
-                is_final,
-                offset_secs,
-                pending,
-            }),
+            Ok(pending) => self.jobs.push_back(Job { is_final, pending }),
             Err(e) if is_final => {
                 let e = ApiError::from(e);
                 self.send(json!({
@@ -362,7 +365,7 @@ impl<'a> Session<'a> {
             let Some(job) = self.jobs.pop_front() else {
                 break;
             };
-            self.deliver(job.is_final, job.offset_secs, result)?;
+            self.deliver(job.is_final, result)?;
         }
         Ok(())
     }
@@ -370,11 +373,14 @@ impl<'a> Session<'a> {
     fn deliver(
         &mut self,
         is_final: bool,
-        offset_secs: f64,
-        result: Result<Vec<Word>, crate::pool::PoolError>,
+        result: Result<Transcribed, crate::pool::PoolError>,
     ) -> Result<(), String> {
         match result {
-            Ok(words) => {
+            Ok(Transcribed {
+                words,
+                audio_secs,
+                inference,
+            }) => {
                 let text = words
                     .iter()
                     .map(|w| w.word.as_str())
@@ -384,10 +390,8 @@ impl<'a> Session<'a> {
                     // A pause after noise with no words: nothing to report.
                     Ok(())
                 } else if is_final {
-                    let audio_secs = words.last().map_or(0.0, |w| w.end - offset_secs);
-                    self.app
-                        .metrics
-                        .record_work(audio_secs.max(0.0), Duration::ZERO);
+                    // Finals only: partials re-read audio a final will count.
+                    self.app.metrics.record_work(audio_secs, inference);
                     self.send(json!({
                         "type": "final",
                         "text": text,
@@ -423,7 +427,7 @@ impl<'a> Session<'a> {
         }
         while let Some(job) = self.jobs.pop_front() {
             let result = job.pending.wait();
-            self.deliver(job.is_final, job.offset_secs, result)?;
+            self.deliver(job.is_final, result)?;
         }
         Ok(())
     }
