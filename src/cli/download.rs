@@ -525,28 +525,24 @@ impl Fetcher<'_> {
             is_verified,
             outcome: Outcome::AlreadyPresent,
         };
-        let Some(expected) = expected else {
-            if !self.opts.allow_unverified {
+        let (sha256, is_verified) = match expected {
+            Some(expected) => {
+                let mut hasher = Sha256::new();
+                hash_file(path, &mut hasher, file.name, progress)?;
+                let actual = to_hex(&hasher.finalize());
+                if actual != expected {
+                    return Ok(None);
+                }
+                (actual, true)
+            }
+            None if self.opts.allow_unverified => (String::new(), false),
+            None => {
                 return Err(DownloadError::Unverifiable {
                     file: file.name.to_owned(),
                     url: self.url(file.name),
                 });
             }
-            emit(
-                progress,
-                file.name,
-                Stage::AlreadyPresent,
-                size_bytes,
-                Some(size_bytes),
-            );
-            return Ok(Some(report(String::new(), false)));
         };
-        let mut hasher = Sha256::new();
-        hash_file(path, &mut hasher, file.name, progress)?;
-        let actual = to_hex(&hasher.finalize());
-        if actual != expected {
-            return Ok(None);
-        }
         emit(
             progress,
             file.name,
@@ -554,7 +550,7 @@ impl Fetcher<'_> {
             size_bytes,
             Some(size_bytes),
         );
-        Ok(Some(report(actual, true)))
+        Ok(Some(report(sha256, is_verified)))
     }
 
     /// Stream into `FILE.part` (resuming it when possible), verify, rename.
