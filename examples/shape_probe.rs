@@ -4,6 +4,10 @@
 //! the time per op type.
 //!
 //!     cargo run --release --example shape_probe -- models/gigaam-v3-full-random/gen/v3_e2e_rnnt_encoder.onnx 999
+//!
+//! Env: PROBE_ASSERT="T>=2" (symbol assertion), PROBE_TUNE=1 (gigastt's graph
+//! rewrites, as the server loads it), PROBE_NODES=1 (time per node, with the
+//! kernel tract picked), PROBE_TOP=N (lines per run), PROBE_SYMBOLIC_ONLY=1.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -20,7 +24,12 @@ fn load(
     let onnx = tract_onnx::onnx()
         .with_ignore_output_shapes(true)
         .with_ignore_value_info(true);
-    let mut model = onnx.model_for_path(path)?;
+    let tune = std::env::var("PROBE_TUNE").is_ok();
+    let mut proto = onnx.proto_model_for_path(path)?;
+    if tune {
+        gigastt::speech::tune::drop_zero_weight_zero_points(&mut proto);
+    }
+    let mut model = onnx.parse(&proto, None)?.model;
     let t: TDim = match frames {
         Some(n) => n.into(),
         None => {
@@ -36,12 +45,16 @@ fn load(
         model.set_output_fact(ix, InferenceFact::default())?;
     }
     let executor = (threads > 1).then(|| tract_linalg::multithread::Executor::multithread(threads));
-    model
-        .into_optimized()?
-        .into_runnable_with_options(&RunOptions {
-            executor,
-            ..Default::default()
-        })
+    let mut model = model.into_optimized()?;
+    if tune {
+        gigastt::speech::tune::fold_constant_chains(&mut model)?;
+        gigastt::speech::tune::replace_dynamic_quantize(&mut model)?;
+        eprintln!("kernels: {}", gigastt::speech::tune::kernel_summary(&model));
+    }
+    model.into_runnable_with_options(&RunOptions {
+        executor,
+        ..Default::default()
+    })
 }
 
 fn main() -> TractResult<()> {
@@ -78,7 +91,17 @@ fn main() -> TractResult<()> {
             state.run_plan_with_eval(inputs(), |ctx, op_state, node, node_inputs| {
                 let t = Instant::now();
                 let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, node_inputs);
-                let entry = per_op.entry(node.op().name().to_string()).or_default();
+                let key = if std::env::var("PROBE_NODES").is_ok() {
+                    format!(
+                        "{} [{}] {}",
+                        node.op().name(),
+                        node.op().info().unwrap_or_default().join("; "),
+                        node.name
+                    )
+                } else {
+                    node.op().name().to_string()
+                };
+                let entry = per_op.entry(key).or_default();
                 entry.0 += t.elapsed().as_secs_f64();
                 entry.1 += 1;
                 out
@@ -87,14 +110,19 @@ fn main() -> TractResult<()> {
             ops.sort_by(|a, b| b.1.0.total_cmp(&a.1.0));
             let top: Vec<String> = ops
                 .iter()
-                .take(6)
+                .take(
+                    std::env::var("PROBE_TOP")
+                        .ok()
+                        .and_then(|t| t.parse().ok())
+                        .unwrap_or(6),
+                )
                 .map(|(name, (secs, n))| format!("{name} {:.0} ms/{n}", secs * 1000.0))
                 .collect();
             println!(
                 "T {} threads {threads}: median {:.3} s, load {load_ms} ms; {}",
                 if concrete { "concrete" } else { "symbolic" },
                 times[2],
-                top.join(", ")
+                top.join("\n  ")
             );
         }
     }

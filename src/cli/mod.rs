@@ -249,6 +249,12 @@ pub(crate) fn load_engine(
         info.vocab_size,
         info.encoder_threads
     );
+    let (zero_points, folded, quantizers) = info.encoder_rewrites;
+    log::info!(
+        "encoder kernels: {}; rewrites: {zero_points} zero weight zero points dropped, \
+         {folded} constant chains folded, {quantizers} quantizers vectorised",
+        info.encoder_kernels
+    );
     if info.is_test_model {
         log::warn!(
             "{} is a TEST model with random weights, not GigaAM: its transcripts are meaningless \

@@ -13,6 +13,7 @@ mod rnnt;
 pub mod segment;
 pub mod stream;
 pub mod transcript;
+pub mod tune;
 pub mod vad;
 pub mod vocab;
 
@@ -91,6 +92,11 @@ pub struct ModelInfo {
     pub load_ms: u128,
     /// Threads the encoder uses.
     pub encoder_threads: usize,
+    /// Matmul kernels the encoder plan uses, with counts.
+    pub encoder_kernels: String,
+    /// Graph rewrites applied to the encoder (see `tune`): zero points
+    /// dropped, constant chains folded, quantizers replaced.
+    pub encoder_rewrites: (usize, usize, usize),
 }
 
 /// The loaded model: immutable, shared by all workers.
@@ -127,7 +133,7 @@ impl Engine {
             Variant::Rnnt => ("audio_signal", "length"),
             Variant::Ctc => ("features", "feature_lengths"),
         };
-        let encoder = model::load_encoder(&files.encoder, names, executor)?;
+        let (encoder, build) = model::load_encoder(&files.encoder, names, executor)?;
         let [signal_ix, length_ix] = rnnt::input_positions(&encoder, [names.0, names.1])?;
         let encoder_signal_first = signal_ix < length_ix;
         let decoder = files
@@ -170,6 +176,12 @@ impl Engine {
             is_test_model,
             load_ms: started.elapsed().as_millis(),
             encoder_threads: threads,
+            encoder_kernels: build.kernels,
+            encoder_rewrites: (
+                build.rewrites.zero_points,
+                build.rewrites.folded,
+                build.rewrites.quantizers,
+            ),
         };
         Ok(Arc::new(Engine {
             info,

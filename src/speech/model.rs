@@ -225,12 +225,33 @@ pub(crate) fn load_encoder(
     path: &Path,
     names: (&str, &str),
     executor: Option<tract_linalg::multithread::Executor>,
-) -> Result<Plan, SpeechError> {
+) -> Result<(Plan, EncoderBuild), SpeechError> {
+    load_encoder_tuned(path, names, executor, true)
+}
+
+/// [`load_encoder`], with the `tune` rewrites on or off (off: tract alone, the
+/// reference the rewrites are tested against).
+pub(crate) fn load_encoder_tuned(
+    path: &Path,
+    names: (&str, &str),
+    executor: Option<tract_linalg::multithread::Executor>,
+    tune: bool,
+) -> Result<(Plan, EncoderBuild), SpeechError> {
     let err = invalid(path);
     let onnx = tract_onnx::onnx()
         .with_ignore_output_shapes(true)
         .with_ignore_value_info(true);
-    let mut model = onnx.model_for_path(path).map_err(&err)?;
+    let mut proto = onnx.proto_model_for_path(path).map_err(&err)?;
+    let zero_points = if tune {
+        super::tune::drop_zero_weight_zero_points(&mut proto)
+    } else {
+        0
+    };
+    let mut model = onnx
+        .parse(&proto, path.parent().and_then(Path::to_str))
+        .map_err(&err)?
+        .model;
+    drop(proto);
     let signal = input_index(&model, names.0, path)?;
     let length = input_index(&model, names.1, path)?;
     // With T >= 2 proven, tract fuses bias adds into the matmuls (a symbolic T
@@ -261,10 +282,27 @@ pub(crate) fn load_encoder(
         executor,
         ..Default::default()
     };
-    model
-        .into_optimized()
-        .and_then(|m| m.into_runnable_with_options(&options))
-        .map_err(err)
+    let mut model = model.into_optimized().map_err(&err)?;
+    let rewrites = if tune {
+        super::tune::Rewrites {
+            zero_points,
+            folded: super::tune::fold_constant_chains(&mut model).map_err(&err)?,
+            quantizers: super::tune::replace_dynamic_quantize(&mut model).map_err(&err)?,
+        }
+    } else {
+        super::tune::Rewrites::default()
+    };
+    let kernels = super::tune::kernel_summary(&model);
+    let plan = model.into_runnable_with_options(&options).map_err(err)?;
+    Ok((plan, EncoderBuild { rewrites, kernels }))
+}
+
+/// How the encoder plan was built, for the startup log.
+#[derive(Debug, Clone)]
+pub(crate) struct EncoderBuild {
+    pub rewrites: super::tune::Rewrites,
+    /// Matmul kernels tract picked, with counts.
+    pub kernels: String,
 }
 
 /// Loads a graph whose inputs are fully declared in the file (decoder, joint, VAD).

@@ -1,0 +1,507 @@
+//! Graph rewrites for what tract 0.23.9 leaves slow in GigaAM's graphs
+//! (measured in docs/perf.md). Each one is exact: the model computes the same
+//! numbers, bit for bit, only sooner.
+//!
+//! - [`drop_zero_weight_zero_points`]: the int8 export gives every weight a
+//!   per-channel zero point that is all zeros; declared, it makes tract correct
+//!   each product with a row sum of the activations at run time.
+//! - [`fold_constant_chains`]: tract's constant folding refuses a step whose
+//!   output is larger than its input before looking at where the chain ends, so
+//!   the int8 column sums `Reduce<Sum>(Cast<i32>(weights))` run on every call.
+//! - [`FastDynamicQuantize`]: tract's `DynamicQuantizeLinear` is a scalar loop
+//!   (a libm call per element for the rounding); this one vectorises.
+
+use std::collections::BTreeMap;
+
+use tract_onnx::pb::ModelProto;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::konst::Const;
+use tract_onnx::tract_core::ops::matmul::optimized::OptMatMul;
+
+/// What the rewrites did to one graph, for the startup log.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Rewrites {
+    /// Weight zero points dropped (all zeros).
+    pub zero_points: usize,
+    /// Constant chains folded.
+    pub folded: usize,
+    /// `DynamicQuantizeLinear` nodes replaced.
+    pub quantizers: usize,
+}
+
+/// Removes the weight zero point input of `MatMulInteger` and `ConvInteger`
+/// nodes whose zero point is an initializer of zeros (ONNX: an absent zero
+/// point is zero). Returns how many were removed.
+pub fn drop_zero_weight_zero_points(proto: &mut ModelProto) -> usize {
+    let Some(graph) = proto.graph.as_mut() else {
+        return 0;
+    };
+    let zeros: std::collections::HashSet<String> = graph
+        .initializer
+        .iter()
+        .filter(|t| initializer_is_zero(t))
+        .map(|t| t.name.clone())
+        .collect();
+    let mut dropped = 0;
+    for node in &mut graph.node {
+        let integer_op = node.op_type == "MatMulInteger" || node.op_type == "ConvInteger";
+        if integer_op && node.input.len() == 4 && zeros.contains(&node.input[3]) {
+            node.input.truncate(3);
+            dropped += 1;
+        }
+    }
+    dropped
+}
+
+/// True when an int8/uint8 initializer holds only zeros (raw or typed data).
+fn initializer_is_zero(t: &tract_onnx::pb::TensorProto) -> bool {
+    use tract_onnx::pb::tensor_proto::DataType;
+    let byte_typed = t.data_type == DataType::Int8 as i32 || t.data_type == DataType::Uint8 as i32;
+    if !byte_typed || !t.external_data.is_empty() {
+        return false;
+    }
+    if !t.raw_data.is_empty() {
+        t.raw_data.iter().all(|b| *b == 0)
+    } else {
+        !t.int32_data.is_empty() && t.int32_data.iter().all(|v| *v == 0)
+    }
+}
+
+/// Folds chains that start at a node whose inputs are all constants and run
+/// through single-input, single-successor nodes, when the chain's end is no
+/// larger than what it starts from. Returns how many chains were folded.
+pub fn fold_constant_chains(model: &mut TypedModel) -> TractResult<usize> {
+    let mut folded = 0;
+    let mut from = 0;
+    while let Some((end, values, next)) = next_foldable(model, from)? {
+        let mut patch = TypedModelPatch::new("fold constant chain");
+        for (slot, value) in values.into_iter().enumerate() {
+            let name = format!("{}.folded.{slot}", model.node(end).name);
+            let wire = patch.wire_node(name, Const::new(value.into_arc_tensor())?, &[])?[0];
+            patch.shunt_outside(model, OutletId::new(end, slot), wire)?;
+        }
+        patch.apply(model)?;
+        folded += 1;
+        from = next;
+    }
+    if folded > 0 {
+        *model = std::mem::take(model).into_compact()?;
+    }
+    Ok(folded)
+}
+
+/// The next chain to fold at or after node `from`: its last node, its values,
+/// and where to resume the search.
+fn next_foldable(
+    model: &TypedModel,
+    from: usize,
+) -> TractResult<Option<(usize, TVec<TValue>, usize)>> {
+    for id in from..model.nodes.len() {
+        let node = model.node(id);
+        if node.inputs.is_empty() || node.op_is::<Const>() || node.outputs.is_empty() {
+            continue;
+        }
+        let inputs: Option<TVec<TValue>> = node
+            .inputs
+            .iter()
+            .map(|i| {
+                let source = model.node(i.node);
+                source
+                    .op_as::<Const>()
+                    .map(|c| c.val().clone().into_tvalue())
+            })
+            .collect();
+        let Some(inputs) = inputs else { continue };
+        let start_bytes: usize = inputs.iter().map(bytes_of).sum();
+        // Stateful or plan-only ops answer None: not foldable.
+        let Ok(Some(mut values)) = node.op.eval_out_of_plan(inputs) else {
+            continue;
+        };
+        let mut end = id;
+        loop {
+            if values.iter().map(bytes_of).sum::<usize>() <= start_bytes {
+                break;
+            }
+            // Too large to keep: fold further, through a single consumer.
+            let Some(succ) = model.single_succ(end)? else {
+                break;
+            };
+            if succ.inputs.len() != 1 || model.node(end).outputs.len() != 1 {
+                break;
+            }
+            let Ok(Some(next)) = succ.op.eval_out_of_plan(values) else {
+                values = TVec::new();
+                break;
+            };
+            values = next;
+            end = succ.id;
+        }
+        let end_bytes: usize = values.iter().map(bytes_of).sum();
+        // Only folds that tract left undone and that keep memory flat; the
+        // graph's outputs stay computed nodes.
+        let is_output = model.output_outlets()?.iter().any(|o| o.node == end);
+        if end != id && !values.is_empty() && end_bytes <= start_bytes && !is_output {
+            return Ok(Some((end, values, id + 1)));
+        }
+    }
+    Ok(None)
+}
+
+fn bytes_of(t: &TValue) -> usize {
+    t.len() * t.datum_type().size_of()
+}
+
+/// Replaces tract's `DynamicQuantizeLinearU8` with [`FastDynamicQuantize`].
+pub fn replace_dynamic_quantize(model: &mut TypedModel) -> TractResult<usize> {
+    let targets: Vec<usize> = model
+        .nodes
+        .iter()
+        .filter(|n| n.op.name() == "DynamicQuantizeLinearU8" && n.inputs.len() == 1)
+        .map(|n| n.id)
+        .collect();
+    for &id in &targets {
+        let node = model.node(id);
+        let patch =
+            TypedModelPatch::replace_single_op(model, node, &node.inputs, FastDynamicQuantize)?;
+        patch.apply(model)?;
+    }
+    if !targets.is_empty() {
+        *model = std::mem::take(model).into_compact()?;
+    }
+    Ok(targets.len())
+}
+
+/// ONNX `DynamicQuantizeLinear` to uint8: scale from the range of the input
+/// extended to include zero, zero point rounded half to even, values
+/// `clamp(round_half_even(x / scale) + zero_point, 0, 255)`. Same arithmetic as
+/// tract's op (division, not a reciprocal), so the same bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct FastDynamicQuantize;
+
+impl Op for FastDynamicQuantize {
+    fn name(&self) -> StaticName {
+        "FastDynamicQuantizeU8".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for FastDynamicQuantize {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = inputs[0].cast_to::<f32>()?;
+        let view = input.try_as_plain_ram()?;
+        let xs = view.as_slice::<f32>()?;
+        let (scale, zero_point) = scale_and_zero_point(xs);
+        let mut out = Tensor::zero::<u8>(input.shape())?;
+        {
+            let mut out_view = out.try_as_plain_ram_mut()?;
+            quantize(xs, scale, zero_point, out_view.as_slice_mut::<u8>()?);
+        }
+        Ok(tvec!(
+            out.into_tvalue(),
+            tensor0(scale).into_tvalue(),
+            tensor0(zero_point).into_tvalue()
+        ))
+    }
+}
+
+impl TypedOp for FastDynamicQuantize {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let mut quantized = inputs[0].without_value();
+        quantized.datum_type = u8::datum_type();
+        Ok(tvec!(quantized, f32::scalar_fact(), u8::scalar_fact()))
+    }
+
+    as_op!();
+}
+
+/// Scale and zero point of ONNX `DynamicQuantizeLinear` (uint8). NaNs are
+/// skipped, as in tract's fold.
+fn scale_and_zero_point(xs: &[f32]) -> (f32, u8) {
+    // Eight lanes so the compiler keeps the comparisons in vector registers.
+    let mut lo = [0f32; 8];
+    let mut hi = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for lane in 0..8 {
+            let v = chunk[lane];
+            lo[lane] = if v < lo[lane] { v } else { lo[lane] };
+            hi[lane] = if v > hi[lane] { v } else { hi[lane] };
+        }
+    }
+    let mut min = 0f32;
+    let mut max = 0f32;
+    for v in lo.into_iter().chain(rest.iter().copied()) {
+        if v < min {
+            min = v;
+        }
+    }
+    for v in hi.into_iter().chain(rest.iter().copied()) {
+        if v > max {
+            max = v;
+        }
+    }
+    let scale = (max - min) / 255.0;
+    let zero_point = (-min / scale).round_ties_even().clamp(0.0, 255.0);
+    // NaN (all-zero input: 0/0) becomes 0, as `max(0.0)` makes it in tract.
+    let zero_point = if zero_point.is_nan() {
+        0
+    } else {
+        zero_point as u8
+    };
+    (scale, zero_point)
+}
+
+/// `clamp(round_half_even(x / scale) + zero_point, 0, 255)` for every x.
+///
+/// `x / scale` is NaN (scale 0 or infinite x) or within [-255, 255] (x lies in
+/// the range the scale came from), and for such a float adding then
+/// subtracting 1.5 * 2^23 rounds half to even in the default rounding mode,
+/// with plain adds that vectorise on any x86-64 (`f32::round_ties_even` needs
+/// SSE4.1 to do so). NaN maps to the zero point, as tract's `NaN as i32` = 0.
+fn quantize(xs: &[f32], scale: f32, zero_point: u8, out: &mut [u8]) {
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23
+    let zp = f32::from(zero_point);
+    let step = |x: f32| -> u8 {
+        let q = x / scale;
+        let rounded = if q.is_nan() { 0.0 } else { (q + ROUND) - ROUND };
+        let v = (rounded + zp).clamp(0.0, 255.0);
+        // In [0, 255] and integral: the bits of `v + 2^23` hold it exactly.
+        (v + 8_388_608.0).to_bits() as u8
+    };
+    let mut xs_chunks = xs.chunks_exact(16);
+    let mut out_chunks = out.chunks_exact_mut(16);
+    for (xc, yc) in (&mut xs_chunks).zip(&mut out_chunks) {
+        for lane in 0..16 {
+            yc[lane] = step(xc[lane]);
+        }
+    }
+    for (x, y) in xs_chunks
+        .remainder()
+        .iter()
+        .zip(out_chunks.into_remainder().iter_mut())
+    {
+        *y = step(*x);
+    }
+}
+
+/// The matmul kernels a plan uses, with how many products use each
+/// (`avx512_mmm_f32_64x3 x226`), for the startup log.
+pub fn kernel_summary(model: &TypedModel) -> String {
+    let mut kernels: BTreeMap<String, usize> = BTreeMap::new();
+    for node in &model.nodes {
+        if let Some(op) = node.op_as::<OptMatMul>() {
+            let names: Vec<String> = op.mmm.iter().map(|m| m.name().to_string()).collect();
+            *kernels.entry(names.join("|")).or_default() += 1;
+        }
+    }
+    if kernels.is_empty() {
+        return "none".into();
+    }
+    kernels
+        .iter()
+        .map(|(name, n)| format!("{name} x{n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reference: tract 0.23.9's scalar formulas (`max`/`min`, not
+    /// `clamp`, on purpose: they map NaN to 0).
+    #[allow(clippy::manual_clamp)]
+    fn reference(xs: &[f32]) -> (f32, u8, Vec<u8>) {
+        let (min, max) = xs.iter().fold((0f32, 0f32), |(lo, hi), &v| {
+            if v < lo {
+                (v, hi)
+            } else if v > hi {
+                (lo, v)
+            } else {
+                (lo, hi)
+            }
+        });
+        let scale = (max - min) / 255.0;
+        let zp = (-min / scale).round_ties_even().max(0.0).min(255.0) as u8;
+        let q = xs
+            .iter()
+            .map(|x| (((x / scale).round_ties_even() as i32) + zp as i32).clamp(0, 255) as u8)
+            .collect();
+        (scale, zp, q)
+    }
+
+    fn check(xs: &[f32]) {
+        let (scale, zp) = scale_and_zero_point(xs);
+        let mut out = vec![0u8; xs.len()];
+        quantize(xs, scale, zp, &mut out);
+        let (rs, rzp, rq) = reference(xs);
+        assert!(scale.to_bits() == rs.to_bits() || (scale.is_nan() && rs.is_nan()));
+        assert_eq!(zp, rzp);
+        assert_eq!(out, rq);
+    }
+
+    #[test]
+    fn quantize_matches_the_reference_bit_for_bit() {
+        let mut seed = 7u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        for len in [0usize, 1, 7, 8, 9, 100, 4097] {
+            for spread in [1e-3f32, 1.0, 37.5, 1e6] {
+                let xs: Vec<f32> = (0..len).map(|_| rnd() * spread).collect();
+                check(&xs);
+                let shifted: Vec<f32> = xs.iter().map(|x| x.abs() + 0.5).collect();
+                check(&shifted);
+                let negative: Vec<f32> = xs.iter().map(|x| -x.abs() - 0.5).collect();
+                check(&negative);
+            }
+        }
+        // Exact ties, zeros, NaN and infinities.
+        check(&[0.0; 16]);
+        check(&[0.0, 255.0, 0.5, 1.5, 2.5, 3.5, 254.5, 100.5, 127.5, 128.5]);
+        check(&[-255.0, 0.0, -0.5, -1.5, -2.5, -3.5, -254.5, -100.5]);
+        check(&[-1.0, 1.0, 0.5, -0.5, 2.5, 255.0, -255.0, 1.5]);
+        check(&[f32::NAN, 1.0, -2.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        check(&[f32::INFINITY, 1.0, -2.0]);
+    }
+
+    /// Runs the tiny test encoder with and without the rewrites on the same
+    /// input: the outputs must be the same bits, and the rewrites must have
+    /// found something to do (or this proves nothing).
+    fn same_bits_with_and_without(file: &str) -> Rewrites {
+        same_bits_in("models/gigaam-v3-tiny-random", file)
+    }
+
+    fn same_bits_in(dir: &str, file: &str) -> Rewrites {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(dir)
+            .join(file);
+        let names = ("audio_signal", "length");
+        let (plain, _) = crate::speech::model::load_encoder_tuned(&path, names, None, false)
+            .expect("plain encoder");
+        let (tuned, build) = crate::speech::model::load_encoder_tuned(&path, names, None, true)
+            .expect("tuned encoder");
+        let frames = 373;
+        let mut seed = 11u64;
+        let data: Vec<f32> = (0..64 * frames)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((seed >> 40) as f32 / (1u64 << 24) as f32) * 6.0 - 4.0
+            })
+            .collect();
+        let inputs = || {
+            let signal = Tensor::from_shape(&[1, 64, frames], &data).expect("signal");
+            let length = Tensor::from_shape(&[1], &[frames as i64]).expect("length");
+            tvec![signal.into_tvalue(), length.into_tvalue()]
+        };
+        let a = plain.run(inputs()).expect("plain run");
+        let b = tuned.run(inputs()).expect("tuned run");
+        let bits = |t: &TValue| -> Vec<u32> {
+            let view = t.try_as_plain_ram().expect("plain");
+            view.as_slice::<f32>()
+                .expect("f32")
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        assert_eq!(a[0].shape(), b[0].shape());
+        assert!(bits(&a[0]) == bits(&b[0]), "{file}: outputs differ");
+        build.rewrites
+    }
+
+    #[test]
+    fn int8_rewrites_change_no_bit_of_the_encoder_output() {
+        let done = same_bits_with_and_without("v3_e2e_rnnt_encoder_int8.onnx");
+        assert!(done.zero_points > 0, "{done:?}");
+        assert!(done.quantizers > 0, "{done:?}");
+    }
+
+    /// The full-size int8 model (`make bench` generates it), where tract's
+    /// fold gate bites: `cargo test --release -- --ignored full_size`.
+    #[test]
+    #[ignore = "needs the full-size model from make bench"]
+    fn full_size_int8_rewrites_change_no_bit() {
+        let done = same_bits_in(
+            "models/gigaam-v3-full-random/gen",
+            "v3_e2e_rnnt_encoder_int8.onnx",
+        );
+        assert!(
+            done.zero_points > 0 && done.folded > 0 && done.quantizers > 0,
+            "{done:?}"
+        );
+    }
+
+    /// The int8 pattern at full size: column sums of a weight too large for
+    /// tract's fold gate once cast to i32. tract leaves it; we fold it.
+    #[test]
+    fn column_sums_of_a_large_constant_are_folded_once() {
+        use tract_onnx::tract_core::ops::cast::cast;
+        use tract_onnx::tract_core::ops::nn::{Reduce, Reducer};
+        let (rows, cols) = (1024usize, 2048usize);
+        let weights: Vec<i8> = (0..rows * cols).map(|i| (i % 251) as i8).collect();
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", i32::fact([1, cols])).expect("source");
+        let w = model
+            .add_const("w", Tensor::from_shape(&[rows, cols], &weights).expect("w"))
+            .expect("const");
+        let wide = model
+            .wire_node("wide", cast(i32::datum_type()), &[w])
+            .expect("cast")[0];
+        let sums = model
+            .wire_node("sums", Reduce::new(tvec![0], Reducer::Sum), &[wide])
+            .expect("reduce")[0];
+        let out = model
+            .wire_node("out", tract_onnx::tract_core::ops::math::add(), &[x, sums])
+            .expect("add");
+        model.select_output_outlets(&out).expect("outputs");
+        let mut model = model.into_optimized().expect("optimized");
+        let input = || {
+            tvec![
+                Tensor::from_shape(&[1, cols], &vec![3i32; cols])
+                    .expect("x")
+                    .into_tvalue()
+            ]
+        };
+        let before = model
+            .clone()
+            .into_runnable()
+            .expect("plan")
+            .run(input())
+            .expect("run");
+        assert!(
+            model
+                .nodes
+                .iter()
+                .any(|n| n.op.name().starts_with("Reduce")),
+            "tract folded it itself: this test no longer shows anything"
+        );
+        assert_eq!(fold_constant_chains(&mut model).expect("fold"), 1);
+        assert!(
+            !model
+                .nodes
+                .iter()
+                .any(|n| n.op.name().starts_with("Reduce"))
+        );
+        let after = model
+            .into_runnable()
+            .expect("plan")
+            .run(input())
+            .expect("run");
+        assert_eq!(before[0], after[0]);
+    }
+
+    #[test]
+    fn fp32_rewrites_change_no_bit_of_the_encoder_output() {
+        same_bits_with_and_without("v3_e2e_rnnt_encoder.onnx");
+    }
+}
