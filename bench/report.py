@@ -77,6 +77,22 @@ def report(runs, runs_dir):
                   f"| {fmt(ort_s)} | {fmt(ratio(od['whole_median_s'], ort_s), '.2f')} "
                   f"| {fmt(ratio(od['encoder_median_s'], ort_s), '.2f')} | {fmt(od['rtf'], '.3f')} |")
     w("")
+    reduced = [p for p in precisions if p != "fp32"]
+    if reduced and any(k == "ort" and p == "fp32" for (k, p, _) in runs):
+        w("Reduced precision against onnxruntime's *fp32* encoder (the speed goal: whole pipeline "
+          "at most 0.75x of it):\n")
+        w("| audio | threads | precision | ours whole (s) | ort fp32 encoder (s) | ours whole / ort fp32 enc |")
+        w("|---|---|---|---|---|---|")
+        for d in durations:
+            for t in threads:
+                fp = by_duration(runs.get(("ort", "fp32", t))).get(d)
+                for p in reduced:
+                    od = by_duration(runs.get(("ours", p, t))).get(d)
+                    if od is None or fp is None:
+                        continue
+                    w(f"| {d:g} s | {t} | {p} | {fmt(od['whole_median_s'])} | {fmt(fp['encoder_median_s'])} "
+                      f"| {fmt(ratio(od['whole_median_s'], fp['encoder_median_s']), '.2f')} |")
+        w("")
     for label, field in [("Load (ms)", "load_ms"),
                          ("Peak RSS after load (MiB)", "peak_rss_after_load_mib"),
                          ("Peak RSS after runs (MiB)", "peak_rss_after_runs_mib")]:

@@ -7,7 +7,8 @@
 //!
 //! Env: PROBE_ASSERT="T>=2" (symbol assertion), PROBE_TUNE=1 (gigastt's graph
 //! rewrites, as the server loads it), PROBE_NODES=1 (time per node, with the
-//! kernel tract picked), PROBE_TOP=N (lines per run), PROBE_SYMBOLIC_ONLY=1.
+//! kernel tract picked), PROBE_TOP=N (lines per run), PROBE_SYMBOLIC_ONLY=1,
+//! PROBE_SMART=1 (general-path matmuls run single-threaded, per node).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -90,14 +91,32 @@ fn main() -> TractResult<()> {
             let mut per_op: HashMap<String, (f64, usize)> = HashMap::new();
             state.run_plan_with_eval(inputs(), |ctx, op_state, node, node_inputs| {
                 let t = Instant::now();
-                let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, node_inputs);
-                let key = if std::env::var("PROBE_NODES").is_ok() {
+                let batched = node
+                    .op_as::<tract_onnx::tract_core::ops::matmul::optimized::OptMatMul>()
+                    .is_some_and(|op| !op.trivial_path);
+                let out = if batched && std::env::var("PROBE_SMART").is_ok() {
+                    tract_linalg::multithread::multithread_tract_scope(
+                        tract_linalg::multithread::Executor::SingleThread,
+                        || tract_onnx::tract_core::plan::eval(ctx, op_state, node, node_inputs),
+                    )
+                } else {
+                    tract_onnx::tract_core::plan::eval(ctx, op_state, node, node_inputs)
+                };
+                let key = if batched {
+                    format!("batched {}", node.op().name())
+                } else if std::env::var("PROBE_NODES").is_ok() {
                     format!(
                         "{} [{}] {}",
                         node.op().name(),
                         node.op().info().unwrap_or_default().join("; "),
                         node.name
                     )
+                } else if let Some(op) =
+                    node.op_as::<tract_onnx::tract_core::ops::matmul::optimized::OptMatMul>()
+                {
+                    let kernels: Vec<String> =
+                        op.mmm.iter().map(|m| m.name().to_string()).collect();
+                    format!("OptMatMul {}", kernels.join("|"))
                 } else {
                     node.op().name().to_string()
                 };

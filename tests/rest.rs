@@ -82,6 +82,13 @@ fn health_ready_and_models() {
     );
     assert_eq!(model["sample_rate"], 16000, "{json}");
     assert_eq!(model["vocab_size"], 1025, "{json}");
+    // The encoder plan names the matmul kernels tract picked.
+    assert!(
+        model["encoder_kernels"]
+            .as_str()
+            .is_some_and(|k| k.contains("mmm_") && k.contains(" x")),
+        "{json}"
+    );
 }
 
 #[test]
