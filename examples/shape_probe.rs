@@ -50,6 +50,13 @@ fn load(
     if tune {
         gigastt::speech::tune::fold_constant_chains(&mut model)?;
         gigastt::speech::tune::replace_dynamic_quantize(&mut model)?;
+        let t = Instant::now();
+        gigastt::speech::tune::retarget_weight_matmuls(
+            &mut model,
+            gigastt::speech::tune::KERNEL_N_HINT,
+        )?;
+        eprintln!("retarget {:?}", t.elapsed());
+        gigastt::speech::tune::serialize_row_loops(&mut model)?;
         eprintln!("kernels: {}", gigastt::speech::tune::kernel_summary(&model));
     }
     model.into_runnable_with_options(&RunOptions {
@@ -102,9 +109,7 @@ fn main() -> TractResult<()> {
                 } else {
                     tract_onnx::tract_core::plan::eval(ctx, op_state, node, node_inputs)
                 };
-                let key = if batched {
-                    format!("batched {}", node.op().name())
-                } else if std::env::var("PROBE_NODES").is_ok() {
+                let key = if std::env::var("PROBE_NODES").is_ok() {
                     format!(
                         "{} [{}] {}",
                         node.op().name(),
@@ -117,6 +122,8 @@ fn main() -> TractResult<()> {
                     let kernels: Vec<String> =
                         op.mmm.iter().map(|m| m.name().to_string()).collect();
                     format!("OptMatMul {}", kernels.join("|"))
+                } else if batched {
+                    format!("batched {}", node.op().name())
                 } else {
                     node.op().name().to_string()
                 };

@@ -249,11 +249,17 @@ pub(crate) fn load_engine(
         info.vocab_size,
         info.encoder_threads
     );
-    let (zero_points, folded, quantizers) = info.encoder_rewrites;
+    let r = &info.encoder_rewrites;
     log::info!(
-        "encoder kernels: {}; rewrites: {zero_points} zero weight zero points dropped, \
-         {folded} constant chains folded, {quantizers} quantizers vectorised",
-        info.encoder_kernels
+        "encoder kernels: {}; rewrites: {} weight matmuls moved to the long-input kernel, \
+         {} row-loop matmuls kept on one thread, {} zero weight zero points dropped, \
+         {} constant chains folded, {} quantizers vectorised",
+        info.encoder_kernels,
+        r.retargeted,
+        r.serialized,
+        r.zero_points,
+        r.folded,
+        r.quantizers
     );
     if info.is_test_model {
         log::warn!(

@@ -94,9 +94,8 @@ pub struct ModelInfo {
     pub encoder_threads: usize,
     /// Matmul kernels the encoder plan uses, with counts.
     pub encoder_kernels: String,
-    /// Graph rewrites applied to the encoder (see `tune`): zero points
-    /// dropped, constant chains folded, quantizers replaced.
-    pub encoder_rewrites: (usize, usize, usize),
+    /// Graph rewrites applied to the encoder (see `tune`).
+    pub encoder_rewrites: tune::Rewrites,
 }
 
 /// The loaded model: immutable, shared by all workers.
@@ -177,11 +176,7 @@ impl Engine {
             load_ms: started.elapsed().as_millis(),
             encoder_threads: threads,
             encoder_kernels: build.kernels,
-            encoder_rewrites: (
-                build.rewrites.zero_points,
-                build.rewrites.folded,
-                build.rewrites.quantizers,
-            ),
+            encoder_rewrites: build.rewrites,
         };
         Ok(Arc::new(Engine {
             info,

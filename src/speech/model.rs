@@ -288,6 +288,12 @@ pub(crate) fn load_encoder_tuned(
             zero_points,
             folded: super::tune::fold_constant_chains(&mut model).map_err(&err)?,
             quantizers: super::tune::replace_dynamic_quantize(&mut model).map_err(&err)?,
+            retargeted: super::tune::retarget_weight_matmuls(
+                &mut model,
+                super::tune::KERNEL_N_HINT,
+            )
+            .map_err(&err)?,
+            serialized: super::tune::serialize_row_loops(&mut model).map_err(&err)?,
         }
     } else {
         super::tune::Rewrites::default()
