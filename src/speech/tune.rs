@@ -652,6 +652,16 @@ pub fn kernel_summary(model: &TypedModel) -> String {
 mod tests {
     use super::*;
 
+    /// Repeatable floats in [-1, 1) (a 64-bit LCG).
+    fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
+        move || {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+    }
+
     /// The reference: tract 0.23.9's scalar formulas (`max`/`min`, not
     /// `clamp`, on purpose: they map NaN to 0).
     #[allow(clippy::manual_clamp)]
@@ -686,13 +696,7 @@ mod tests {
 
     #[test]
     fn quantize_matches_the_reference_bit_for_bit() {
-        let mut seed = 7u64;
-        let mut rnd = || {
-            seed = seed
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        };
+        let mut rnd = uniform(7);
         for len in [0usize, 1, 7, 8, 9, 100, 4097] {
             for spread in [1e-3f32, 1.0, 37.5, 1e6] {
                 let xs: Vec<f32> = (0..len).map(|_| rnd() * spread).collect();
@@ -729,15 +733,8 @@ mod tests {
         let (tuned, build) = crate::speech::model::load_encoder_tuned(&path, names, None, true)
             .expect("tuned encoder");
         let frames = 373;
-        let mut seed = 11u64;
-        let data: Vec<f32> = (0..64 * frames)
-            .map(|_| {
-                seed = seed
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                ((seed >> 40) as f32 / (1u64 << 24) as f32) * 6.0 - 4.0
-            })
-            .collect();
+        let mut rnd = uniform(11);
+        let data: Vec<f32> = (0..64 * frames).map(|_| rnd() * 3.0 - 1.0).collect();
         let inputs = || {
             let signal = Tensor::from_shape(&[1, 64, frames], &data).expect("signal");
             let length = Tensor::from_shape(&[1], &[frames as i64]).expect("length");
