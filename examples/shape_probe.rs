@@ -27,9 +27,11 @@ fn load(
         .with_ignore_value_info(true);
     let tune = std::env::var("PROBE_TUNE").is_ok();
     let mut proto = onnx.proto_model_for_path(path)?;
-    if tune {
-        gigastt::speech::tune::drop_zero_weight_zero_points(&mut proto);
-    }
+    let zero_points = if tune {
+        gigastt::speech::tune::drop_zero_weight_zero_points(&mut proto)
+    } else {
+        0
+    };
     let mut model = onnx.parse(&proto, None)?.model;
     let t: TDim = match frames {
         Some(n) => n.into(),
@@ -48,15 +50,10 @@ fn load(
     let executor = (threads > 1).then(|| tract_linalg::multithread::Executor::multithread(threads));
     let mut model = model.into_optimized()?;
     if tune {
-        gigastt::speech::tune::fold_constant_chains(&mut model)?;
-        gigastt::speech::tune::replace_dynamic_quantize(&mut model)?;
         let t = Instant::now();
-        gigastt::speech::tune::retarget_weight_matmuls(
-            &mut model,
-            gigastt::speech::tune::KERNEL_N_HINT,
-        )?;
-        eprintln!("retarget {:?}", t.elapsed());
-        gigastt::speech::tune::serialize_row_loops(&mut model)?;
+        let done =
+            gigastt::speech::tune::rewrite_optimized(&mut model, zero_points, executor.clone())?;
+        eprintln!("rewrites {done:?} in {:?}", t.elapsed());
         eprintln!("kernels: {}", gigastt::speech::tune::kernel_summary(&model));
     }
     model.into_runnable_with_options(&RunOptions {

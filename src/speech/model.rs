@@ -284,24 +284,7 @@ pub(crate) fn load_encoder_tuned(
     };
     let mut model = model.into_optimized().map_err(&err)?;
     let rewrites = if tune {
-        super::tune::Rewrites {
-            zero_points,
-            folded: super::tune::fold_constant_chains(&mut model).map_err(&err)?,
-            quantizers: super::tune::replace_dynamic_quantize(&mut model).map_err(&err)?,
-            // Repacking the weights uses the encoder's threads.
-            retargeted: {
-                let mut retarget =
-                    || super::tune::retarget_weight_matmuls(&mut model, super::tune::KERNEL_N_HINT);
-                match executor.clone() {
-                    Some(pool) => {
-                        tract_linalg::multithread::multithread_tract_scope(pool, retarget)
-                    }
-                    None => retarget(),
-                }
-                .map_err(&err)?
-            },
-            serialized: super::tune::serialize_row_loops(&mut model).map_err(&err)?,
-        }
+        super::tune::rewrite_optimized(&mut model, zero_points, executor).map_err(&err)?
     } else {
         super::tune::Rewrites::default()
     };

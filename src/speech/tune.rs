@@ -10,6 +10,12 @@
 //!   the int8 column sums `Reduce<Sum>(Cast<i32>(weights))` run on every call.
 //! - [`FastDynamicQuantize`]: tract's `DynamicQuantizeLinear` is a scalar loop
 //!   (a libm call per element for the rounding); this one vectorises.
+//! - [`retarget_weight_matmuls`]: with a symbolic time axis tract gives the fp32
+//!   weight matmuls a kernel that is slow and does not scale across threads.
+//! - [`serialize_row_loops`]: loops of one-row matmuls cost more to dispatch to
+//!   the thread pool than to run.
+//!
+//! [`rewrite_optimized`] runs the graph-level ones in order.
 
 use std::collections::BTreeMap;
 
@@ -33,6 +39,42 @@ pub struct Rewrites {
     pub retargeted: usize,
     /// Loops of one-row matmuls kept on the calling thread.
     pub serialized: usize,
+}
+
+/// Applies the rewrites of an optimised encoder graph, in order, and compacts it
+/// once. `zero_points` is what [`drop_zero_weight_zero_points`] did to its
+/// proto; repacking the re-targeted weights runs on `executor` when given.
+pub fn rewrite_optimized(
+    model: &mut TypedModel,
+    zero_points: usize,
+    executor: Option<tract_linalg::multithread::Executor>,
+) -> TractResult<Rewrites> {
+    let folded = fold_constant_chains(model)?;
+    let quantizers = replace_dynamic_quantize(model)?;
+    let mut retarget = || retarget_weight_matmuls(model, KERNEL_N_HINT);
+    let retargeted = match executor {
+        Some(pool) => tract_linalg::multithread::multithread_tract_scope(pool, retarget)?,
+        None => retarget()?,
+    };
+    let serialized = serialize_row_loops(model);
+    *model = std::mem::take(model).into_compact()?;
+    Ok(Rewrites {
+        zero_points,
+        folded,
+        quantizers,
+        retargeted,
+        serialized,
+    })
+}
+
+/// Ids of the nodes `keep` selects.
+fn node_ids(model: &TypedModel, keep: impl Fn(&TypedNode) -> bool) -> Vec<usize> {
+    model
+        .nodes
+        .iter()
+        .filter(|n| keep(n))
+        .map(|n| n.id)
+        .collect()
 }
 
 /// Removes the weight zero point input of `MatMulInteger` and `ConvInteger`
@@ -90,9 +132,6 @@ pub fn fold_constant_chains(model: &mut TypedModel) -> TractResult<usize> {
         folded += 1;
         from = next;
     }
-    if folded > 0 {
-        *model = std::mem::take(model).into_compact()?;
-    }
     Ok(folded)
 }
 
@@ -102,7 +141,7 @@ fn next_foldable(
     model: &TypedModel,
     from: usize,
 ) -> TractResult<Option<(usize, TVec<TValue>, usize)>> {
-    for id in from..model.nodes.len() {
+    'nodes: for id in from..model.nodes.len() {
         let node = model.node(id);
         if node.inputs.is_empty() || node.op_is::<Const>() || node.outputs.is_empty() {
             continue;
@@ -136,8 +175,7 @@ fn next_foldable(
                 break;
             }
             let Ok(Some(next)) = succ.op.eval_out_of_plan(values) else {
-                values = TVec::new();
-                break;
+                continue 'nodes;
             };
             values = next;
             end = succ.id;
@@ -146,7 +184,7 @@ fn next_foldable(
         // Only folds that tract left undone and that keep memory flat; the
         // graph's outputs stay computed nodes.
         let is_output = model.output_outlets()?.iter().any(|o| o.node == end);
-        if end != id && !values.is_empty() && end_bytes <= start_bytes && !is_output {
+        if end != id && end_bytes <= start_bytes && !is_output {
             return Ok(Some((end, values, id + 1)));
         }
     }
@@ -159,20 +197,14 @@ fn bytes_of(t: &TValue) -> usize {
 
 /// Replaces tract's `DynamicQuantizeLinearU8` with [`FastDynamicQuantize`].
 pub fn replace_dynamic_quantize(model: &mut TypedModel) -> TractResult<usize> {
-    let targets: Vec<usize> = model
-        .nodes
-        .iter()
-        .filter(|n| n.op.name() == "DynamicQuantizeLinearU8" && n.inputs.len() == 1)
-        .map(|n| n.id)
-        .collect();
+    let targets = node_ids(model, |n| {
+        n.op.name() == "DynamicQuantizeLinearU8" && n.inputs.len() == 1
+    });
     for &id in &targets {
         let node = model.node(id);
         let patch =
             TypedModelPatch::replace_single_op(model, node, &node.inputs, FastDynamicQuantize)?;
         patch.apply(model)?;
-    }
-    if !targets.is_empty() {
-        *model = std::mem::take(model).into_compact()?;
     }
     Ok(targets.len())
 }
@@ -308,12 +340,9 @@ pub const KERNEL_N_HINT: usize = 250;
 /// many matmuls were re-targeted.
 pub fn retarget_weight_matmuls(model: &mut TypedModel, n_hint: usize) -> TractResult<usize> {
     let dispatch = tract_linalg::MmmDispatch::native();
-    let packs: Vec<usize> = model
-        .nodes
-        .iter()
-        .filter(|n| n.op.name() == "OptMatMulPack" && n.outputs.len() == 1)
-        .map(|n| n.id)
-        .collect();
+    let packs = node_ids(model, |n| {
+        n.op.name() == "OptMatMulPack" && n.outputs.len() == 1
+    });
     let mut done = 0;
     for pack_id in packs {
         // Every matmul reading this packing moves, or none does: they share it.
@@ -419,14 +448,6 @@ fn retarget(
     };
     let (a_format, b_format) = kernel.packings()[packing].clone();
 
-    // The weights, unpacked row by row, then packed for the new kernel.
-    let mut plain = vec![0f32; m * k];
-    for (row, slice) in plain.chunks_exact_mut(k).enumerate() {
-        weights.extract_at_mn_f32(row, slice)?;
-    }
-    let plain = Tensor::from_shape(&[m, k], &plain)?;
-    let repacked = a_format.prepare_one(&plain, 1, 0)?;
-
     // Where the activation packing reads k and mn.
     let pack_inputs = model.node_input_facts(pack_node.id)?;
     let pack_outputs = model.node_output_facts(pack_node.id)?;
@@ -437,6 +458,15 @@ fn retarget(
     ) else {
         return Ok(None);
     };
+
+    // Every check passed: the weights, unpacked row by row, then packed for
+    // the new kernel (the one costly step).
+    let mut plain = vec![0f32; m * k];
+    for (row, slice) in plain.chunks_exact_mut(k).enumerate() {
+        weights.extract_at_mn_f32(row, slice)?;
+    }
+    let plain = Tensor::from_shape(&[m, k], &plain)?;
+    let repacked = a_format.prepare_one(&plain, 1, 0)?;
 
     let (mr, nr) = (kernel.mr(), kernel.nr());
     let respec = |spec: &OutputStoreSpec| match spec {
@@ -556,26 +586,22 @@ impl TypedOp for PackFor {
 /// layer) in [`Serial`]: dispatching each of them to the thread pool costs more
 /// than it runs (77 ms on one thread, 248 ms on two, 10 s of audio). Returns
 /// how many were wrapped.
-pub fn serialize_row_loops(model: &mut TypedModel) -> TractResult<usize> {
-    let targets: Vec<usize> = model
-        .nodes
-        .iter()
-        .filter(|n| {
-            n.op_as::<OptMatMul>().is_some_and(|op| {
-                let one_row = op.c_m_axis.is_none_or(|ax| op.c_fact.shape[ax].is_one());
-                let looped = op.c_fact.shape.iter().enumerate().any(|(ax, d)| {
+pub fn serialize_row_loops(model: &mut TypedModel) -> usize {
+    let targets = node_ids(model, |n| {
+        n.op_as::<OptMatMul>().is_some_and(|op| {
+            let one_row = op.c_m_axis.is_none_or(|ax| op.c_fact.shape[ax].is_one());
+            let looped =
+                op.c_fact.shape.iter().enumerate().any(|(ax, d)| {
                     Some(ax) != op.c_m_axis && Some(ax) != op.c_n_axis && !d.is_one()
                 });
-                one_row && looped
-            })
+            one_row && looped
         })
-        .map(|n| n.id)
-        .collect();
+    });
     for &id in &targets {
         let inner = model.nodes[id].op.clone();
         model.nodes[id].op = Box::new(Serial(inner));
     }
-    Ok(targets.len())
+    targets.len()
 }
 
 /// Runs the wrapped op on the calling thread, whatever executor the plan runs
