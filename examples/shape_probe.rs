@@ -21,7 +21,10 @@ fn load(
     path: &str,
     frames: Option<usize>,
     threads: usize,
-) -> TractResult<std::sync::Arc<TypedRunnableModel>> {
+) -> TractResult<(
+    std::sync::Arc<TypedRunnableModel>,
+    Option<tract_linalg::multithread::Executor>,
+)> {
     let onnx = tract_onnx::onnx()
         .with_ignore_output_shapes(true)
         .with_ignore_value_info(true);
@@ -56,10 +59,11 @@ fn load(
         eprintln!("rewrites {done:?} in {:?}", t.elapsed());
         eprintln!("kernels: {}", gigastt::speech::tune::kernel_summary(&model));
     }
-    model.into_runnable_with_options(&RunOptions {
-        executor,
+    let plan = model.into_runnable_with_options(&RunOptions {
+        executor: executor.clone(),
         ..Default::default()
-    })
+    })?;
+    Ok((plan, executor))
 }
 
 fn main() -> TractResult<()> {
@@ -81,53 +85,72 @@ fn main() -> TractResult<()> {
     for concrete in modes {
         for threads in [1, 2] {
             let started = Instant::now();
-            let plan = load(&path, concrete.then_some(frames), threads)?;
+            let (plan, executor) = load(&path, concrete.then_some(frames), threads)?;
+            // PROBE_INSTALL=1: run the whole plan on one of the pool's own
+            // threads, so the caller is not a third thread beside the pool's two.
+            let pool = match (&executor, std::env::var("PROBE_INSTALL").is_ok()) {
+                (Some(tract_linalg::multithread::Executor::MultiThread(p)), true) => {
+                    Some(p.clone())
+                }
+                _ => None,
+            };
+            let in_pool = |f: &mut (dyn FnMut() -> TractResult<f64> + Send)| -> TractResult<f64> {
+                match &pool {
+                    Some(p) => p.install(f),
+                    None => f(),
+                }
+            };
             let load_ms = started.elapsed().as_millis();
             let mut state = plan.spawn()?;
             state.run(inputs())?;
             let mut times: Vec<f64> = (0..5)
                 .map(|_| {
-                    let t = Instant::now();
-                    state.run(inputs()).map(|_| t.elapsed().as_secs_f64())
+                    in_pool(&mut || {
+                        let t = Instant::now();
+                        state.run(inputs()).map(|_| t.elapsed().as_secs_f64())
+                    })
                 })
                 .collect::<TractResult<_>>()?;
             times.sort_by(f64::total_cmp);
             let mut per_op: HashMap<String, (f64, usize)> = HashMap::new();
-            state.run_plan_with_eval(inputs(), |ctx, op_state, node, node_inputs| {
-                let t = Instant::now();
-                let batched = node
-                    .op_as::<tract_onnx::tract_core::ops::matmul::optimized::OptMatMul>()
-                    .is_some_and(|op| !op.trivial_path);
-                let out = if batched && std::env::var("PROBE_SMART").is_ok() {
-                    tract_linalg::multithread::multithread_tract_scope(
-                        tract_linalg::multithread::Executor::SingleThread,
-                        || tract_onnx::tract_core::plan::eval(ctx, op_state, node, node_inputs),
-                    )
-                } else {
-                    tract_onnx::tract_core::plan::eval(ctx, op_state, node, node_inputs)
-                };
-                let key = if std::env::var("PROBE_NODES").is_ok() {
-                    format!(
-                        "{} [{}] {}",
-                        node.op().name(),
-                        node.op().info().unwrap_or_default().join("; "),
-                        node.name
-                    )
-                } else if let Some(op) =
-                    node.op_as::<tract_onnx::tract_core::ops::matmul::optimized::OptMatMul>()
-                {
-                    let kernels: Vec<String> =
-                        op.mmm.iter().map(|m| m.name().to_string()).collect();
-                    format!("OptMatMul {}", kernels.join("|"))
-                } else if batched {
-                    format!("batched {}", node.op().name())
-                } else {
-                    node.op().name().to_string()
-                };
-                let entry = per_op.entry(key).or_default();
-                entry.0 += t.elapsed().as_secs_f64();
-                entry.1 += 1;
-                out
+            in_pool(&mut || {
+                state.run_plan_with_eval(inputs(), |ctx, op_state, node, node_inputs| {
+                    let t = Instant::now();
+                    let batched = node
+                        .op_as::<tract_onnx::tract_core::ops::matmul::optimized::OptMatMul>()
+                        .is_some_and(|op| !op.trivial_path);
+                    let out = if batched && std::env::var("PROBE_SMART").is_ok() {
+                        tract_linalg::multithread::multithread_tract_scope(
+                            tract_linalg::multithread::Executor::SingleThread,
+                            || tract_onnx::tract_core::plan::eval(ctx, op_state, node, node_inputs),
+                        )
+                    } else {
+                        tract_onnx::tract_core::plan::eval(ctx, op_state, node, node_inputs)
+                    };
+                    let key = if std::env::var("PROBE_NODES").is_ok() {
+                        format!(
+                            "{} [{}] {}",
+                            node.op().name(),
+                            node.op().info().unwrap_or_default().join("; "),
+                            node.name
+                        )
+                    } else if let Some(op) =
+                        node.op_as::<tract_onnx::tract_core::ops::matmul::optimized::OptMatMul>()
+                    {
+                        let kernels: Vec<String> =
+                            op.mmm.iter().map(|m| m.name().to_string()).collect();
+                        format!("OptMatMul {}", kernels.join("|"))
+                    } else if batched {
+                        format!("batched {}", node.op().name())
+                    } else {
+                        node.op().name().to_string()
+                    };
+                    let entry = per_op.entry(key).or_default();
+                    entry.0 += t.elapsed().as_secs_f64();
+                    entry.1 += 1;
+                    out
+                })?;
+                Ok(0.0)
             })?;
             let mut ops: Vec<_> = per_op.into_iter().collect();
             ops.sort_by(|a, b| b.1.0.total_cmp(&a.1.0));

@@ -50,10 +50,14 @@ fn usizes(v: &Value) -> Vec<usize> {
 }
 
 fn engine(variant: Variant, precision: Precision) -> Arc<Engine> {
+    engine_with_threads(variant, precision, 1)
+}
+
+fn engine_with_threads(variant: Variant, precision: Precision, threads: usize) -> Arc<Engine> {
     let options = EngineOptions {
         variant: Some(variant),
         precision: PrecisionChoice::Only(precision),
-        encoder_threads: 1,
+        encoder_threads: threads,
     };
     Engine::load(&root().join(TINY), &options).unwrap()
 }
@@ -201,6 +205,54 @@ fn int8_encoder_decodes_to_the_same_ids() {
         checked += 1;
     }
     assert!(checked >= 10, "only {checked} inputs checked");
+}
+
+/// With a two-thread encoder pool, runs start on the pool's threads (see
+/// `Engine::on_pool`); two recognizers sharing it at once must still give the
+/// golden ids, for both precisions.
+#[test]
+fn a_shared_two_thread_pool_decodes_to_the_same_ids() {
+    for (precision, key) in [
+        (Precision::Fp32, "max_symbols_10"),
+        (Precision::Int8, "int8_encoder_max_symbols_10"),
+    ] {
+        let engine = engine_with_threads(Variant::Rnnt, precision, 2);
+        assert_eq!(engine.info().encoder_threads, 2);
+        let checked: usize = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..2)
+                .map(|_| {
+                    let engine = Arc::clone(&engine);
+                    s.spawn(move || {
+                        let mut rec = engine.recognizer().unwrap();
+                        let mut checked = 0;
+                        for (name, g) in inputs() {
+                            let want = &g["rnnt"][key];
+                            if want.is_null()
+                                || (precision == Precision::Int8
+                                    && want["same_ids_as_fp32"] != Value::Bool(true))
+                            {
+                                continue;
+                            }
+                            let samples = wav_samples(g["wav"].as_str().unwrap());
+                            let (ids, _) = ids_frames(&mut rec, &samples);
+                            assert_eq!(
+                                ids,
+                                usizes(&g["rnnt"]["max_symbols_10"]["ids"]),
+                                "{name} {precision:?} on two threads"
+                            );
+                            checked += 1;
+                        }
+                        checked
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).sum()
+        });
+        assert!(
+            checked >= 20,
+            "{precision:?}: only {checked} decodes checked"
+        );
+    }
 }
 
 #[test]

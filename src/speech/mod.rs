@@ -110,6 +110,9 @@ pub struct Engine {
     vad: Plan,
     vocab: vocab::Vocab,
     features: FeatureExtractor,
+    /// The encoder's thread pool (`None` at one thread). Runs are started on
+    /// one of its own threads: see [`Engine::on_pool`].
+    executor: Option<tract_linalg::multithread::Executor>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -132,7 +135,7 @@ impl Engine {
             Variant::Rnnt => ("audio_signal", "length"),
             Variant::Ctc => ("features", "feature_lengths"),
         };
-        let (encoder, build) = model::load_encoder(&files.encoder, names, executor)?;
+        let (encoder, build) = model::load_encoder(&files.encoder, names, executor.clone())?;
         let [signal_ix, length_ix] = rnnt::input_positions(&encoder, [names.0, names.1])?;
         let encoder_signal_first = signal_ix < length_ix;
         let decoder = files
@@ -188,7 +191,25 @@ impl Engine {
             vad,
             vocab,
             features: FeatureExtractor::new(),
+            executor,
         }))
+    }
+
+    /// Runs `f` on one of the encoder pool's threads, or here at one thread.
+    ///
+    /// A plan run from outside the pool is a third thread beside the pool's two
+    /// on a two-core machine: the element-wise ops between matmuls run on it
+    /// while the pool's idle threads spin for work, and the matmuls' share of the
+    /// cores shrinks. Started inside, the calling thread is one of the pool's, the
+    /// matmuls split over both, and the element-wise ops have a core to
+    /// themselves: int8 10 s 0.53 -> 0.39 s, fp32 0.54 -> 0.46 s at two threads
+    /// (docs/perf.md). Several recognizers share the pool; each run then takes a
+    /// pool thread and the matmuls split only when a thread is free.
+    fn on_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.executor {
+            Some(tract_linalg::multithread::Executor::MultiThread(pool)) => pool.install(f),
+            _ => f(),
+        }
     }
 
     /// What was loaded.
@@ -288,7 +309,11 @@ impl Recognizer {
         } else {
             tvec![length.into_tvalue(), signal.into_tvalue()]
         };
-        let out = self.encoder.run(inputs).map_err(inference)?;
+        let encoder = &mut self.encoder;
+        let out = self
+            .engine
+            .on_pool(|| encoder.run(inputs))
+            .map_err(inference)?;
         let main = out
             .first()
             .ok_or_else(|| SpeechError::Inference("encoder returned nothing".into()))?;
