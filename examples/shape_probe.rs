@@ -8,6 +8,11 @@
 //! Env: PROBE_ASSERT="T>=2" (symbol assertion), PROBE_TUNE=1 (gigastt's graph
 //! rewrites, as the server loads it), PROBE_NODES=1 (time per node, with the
 //! kernel tract picked), PROBE_TOP=N (lines per run), PROBE_SYMBOLIC_ONLY=1,
+//! PROBE_GROUP=1 (time per op and node name, layer numbers dropped),
+//! PROBE_DUMP=SUBSTRING (print the optimised nodes whose name has it;
+//! PROBE_DUMP_DECLUTTERED the same before optimisation),
+//! PROBE_CLEAN=1 (clear the AVX upper state before each node, as gigastt
+//! does), PROBE_INSTALL=1 (runs start on one of the pool's threads, as gigastt does),
 //! PROBE_SMART=1 (general-path matmuls run single-threaded, per node).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -30,11 +35,10 @@ fn load(
         .with_ignore_value_info(true);
     let tune = std::env::var("PROBE_TUNE").is_ok();
     let mut proto = onnx.proto_model_for_path(path)?;
-    let zero_points = if tune {
-        gigastt::speech::tune::drop_zero_weight_zero_points(&mut proto)
-    } else {
-        0
-    };
+    let mut done = gigastt::speech::tune::Rewrites::default();
+    if tune {
+        done.zero_points = gigastt::speech::tune::drop_zero_weight_zero_points(&mut proto);
+    }
     let mut model = onnx.parse(&proto, None)?.model;
     let t: TDim = match frames {
         Some(n) => n.into(),
@@ -51,19 +55,63 @@ fn load(
         model.set_output_fact(ix, InferenceFact::default())?;
     }
     let executor = (threads > 1).then(|| tract_linalg::multithread::Executor::multithread(threads));
-    let mut model = model.into_optimized()?;
+    let mut model = model.into_typed()?;
+    model.declutter()?;
+    if let Ok(pattern) = std::env::var("PROBE_DUMP_DECLUTTERED") {
+        dump(&model, &pattern);
+    }
+    if tune {
+        gigastt::speech::tune::rewrite_decluttered(&mut model, &mut done)?;
+    }
+    model.optimize()?;
     if tune {
         let t = Instant::now();
-        let done =
-            gigastt::speech::tune::rewrite_optimized(&mut model, zero_points, executor.clone())?;
+        gigastt::speech::tune::rewrite_optimized(&mut model, &mut done, executor.clone())?;
         eprintln!("rewrites {done:?} in {:?}", t.elapsed());
         eprintln!("kernels: {}", gigastt::speech::tune::kernel_summary(&model));
+    }
+    if let Ok(pattern) = std::env::var("PROBE_DUMP") {
+        dump(&model, &pattern);
     }
     let plan = model.into_runnable_with_options(&RunOptions {
         executor: executor.clone(),
         ..Default::default()
     })?;
     Ok((plan, executor))
+}
+
+/// Minor page faults of this process so far (Linux), 0 elsewhere.
+fn minor_faults() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Field 10 (minflt), counted after the parenthesised command name.
+            let rest = &s[s.rfind(')')? + 2..];
+            rest.split(' ').nth(7)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Prints the nodes whose name contains `pattern`, with their input facts.
+fn dump(model: &TypedModel, pattern: &str) {
+    for node in model.nodes() {
+        if node.name.contains(pattern) {
+            let inputs: Vec<String> = node
+                .inputs
+                .iter()
+                .map(|i| format!("{}/{}: {:?}", i.node, i.slot, model.outlet_fact(*i)))
+                .collect();
+            eprintln!(
+                "#{} {} {} [{}]\n    <- {}\n    -> {:?}",
+                node.id,
+                node.op().name(),
+                node.name,
+                node.op().info().unwrap_or_default().join("; "),
+                inputs.join("\n       "),
+                node.outputs.iter().map(|o| &o.fact).collect::<Vec<_>>()
+            );
+        }
+    }
 }
 
 fn main() -> TractResult<()> {
@@ -103,18 +151,28 @@ fn main() -> TractResult<()> {
             let load_ms = started.elapsed().as_millis();
             let mut state = plan.spawn()?;
             state.run(inputs())?;
+            let faults_before = minor_faults();
             let mut times: Vec<f64> = (0..5)
                 .map(|_| {
                     in_pool(&mut || {
                         let t = Instant::now();
-                        state.run(inputs()).map(|_| t.elapsed().as_secs_f64())
+                        if std::env::var("PROBE_CLEAN").is_ok() {
+                            gigastt::speech::tune::run_clean(&mut state, inputs())
+                                .map(|_| t.elapsed().as_secs_f64())
+                        } else {
+                            state.run(inputs()).map(|_| t.elapsed().as_secs_f64())
+                        }
                     })
                 })
                 .collect::<TractResult<_>>()?;
             times.sort_by(f64::total_cmp);
+            let faults = (minor_faults() - faults_before) / 5;
             let mut per_op: HashMap<String, (f64, usize)> = HashMap::new();
             in_pool(&mut || {
                 state.run_plan_with_eval(inputs(), |ctx, op_state, node, node_inputs| {
+                    if std::env::var("PROBE_CLEAN").is_ok() {
+                        gigastt::speech::tune::clear_avx_upper();
+                    }
                     let t = Instant::now();
                     let batched = node
                         .op_as::<tract_onnx::tract_core::ops::matmul::optimized::OptMatMul>()
@@ -127,7 +185,24 @@ fn main() -> TractResult<()> {
                     } else {
                         tract_onnx::tract_core::plan::eval(ctx, op_state, node, node_inputs)
                     };
-                    let key = if std::env::var("PROBE_NODES").is_ok() {
+                    let key = if std::env::var("PROBE_GROUP").is_ok() {
+                        // Per op and node name with the layer index dropped: one
+                        // line per kind of node across the encoder's layers.
+                        let mut name = String::new();
+                        let mut digits = false;
+                        for c in node.name.chars() {
+                            if c.is_ascii_digit() {
+                                if !digits {
+                                    name.push('#');
+                                }
+                                digits = true;
+                            } else {
+                                digits = false;
+                                name.push(c);
+                            }
+                        }
+                        format!("{} {name}", node.op().name())
+                    } else if std::env::var("PROBE_NODES").is_ok() {
                         format!(
                             "{} [{}] {}",
                             node.op().name(),
@@ -165,7 +240,7 @@ fn main() -> TractResult<()> {
                 .map(|(name, (secs, n))| format!("{name} {:.0} ms/{n}", secs * 1000.0))
                 .collect();
             println!(
-                "T {} threads {threads}: median {:.3} s, load {load_ms} ms; {}",
+                "T {} threads {threads}: median {:.3} s, {faults} page faults/run, load {load_ms} ms; {}",
                 if concrete { "concrete" } else { "symbolic" },
                 times[2],
                 top.join("\n  ")

@@ -253,13 +253,15 @@ pub(crate) fn load_engine(
     log::info!(
         "encoder kernels: {}; rewrites: {} weight matmuls moved to the long-input kernel, \
          {} row-loop matmuls kept on one thread, {} zero weight zero points dropped, \
-         {} constant chains folded, {} quantizers vectorised",
+         {} constant chains folded, {} quantizers vectorised, {} broadcasting element-wise ops \
+         run as rows",
         info.encoder_kernels,
         r.retargeted,
         r.serialized,
         r.zero_points,
         r.folded,
-        r.quantizers
+        r.quantizers,
+        r.broadcasts
     );
     if info.is_test_model {
         log::warn!(

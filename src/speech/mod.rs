@@ -312,7 +312,7 @@ impl Recognizer {
         let encoder = &mut self.encoder;
         let out = self
             .engine
-            .on_pool(|| encoder.run(inputs))
+            .on_pool(|| tune::run_clean(encoder, inputs))
             .map_err(inference)?;
         let main = out
             .first()

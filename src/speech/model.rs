@@ -242,11 +242,10 @@ pub(crate) fn load_encoder_tuned(
         .with_ignore_output_shapes(true)
         .with_ignore_value_info(true);
     let mut proto = onnx.proto_model_for_path(path).map_err(&err)?;
-    let zero_points = if tune {
-        super::tune::drop_zero_weight_zero_points(&mut proto)
-    } else {
-        0
-    };
+    let mut rewrites = super::tune::Rewrites::default();
+    if tune {
+        rewrites.zero_points = super::tune::drop_zero_weight_zero_points(&mut proto);
+    }
     let mut model = onnx
         .parse(&proto, path.parent().and_then(Path::to_str))
         .map_err(&err)?
@@ -282,12 +281,15 @@ pub(crate) fn load_encoder_tuned(
         executor: executor.clone(),
         ..Default::default()
     };
-    let mut model = model.into_optimized().map_err(&err)?;
-    let rewrites = if tune {
-        super::tune::rewrite_optimized(&mut model, zero_points, executor).map_err(&err)?
-    } else {
-        super::tune::Rewrites::default()
-    };
+    let mut model = model.into_typed().map_err(&err)?;
+    model.declutter().map_err(&err)?;
+    if tune {
+        super::tune::rewrite_decluttered(&mut model, &mut rewrites).map_err(&err)?;
+    }
+    model.optimize().map_err(&err)?;
+    if tune {
+        super::tune::rewrite_optimized(&mut model, &mut rewrites, executor).map_err(&err)?;
+    }
     let kernels = super::tune::kernel_summary(&model);
     let plan = model.into_runnable_with_options(&options).map_err(err)?;
     Ok((plan, EncoderBuild { rewrites, kernels }))

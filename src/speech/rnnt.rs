@@ -124,7 +124,7 @@ impl RnntDecoder {
     ) -> Result<(Tensor, Tensor, Tensor), SpeechError> {
         let x = Tensor::from_shape(&[1, 1], &[label as i64]).map_err(inference)?;
         let inputs = ordered(self.dec_inputs, [x, h.clone(), c.clone()]);
-        let mut out = self.decoder.run(inputs).map_err(inference)?;
+        let mut out = super::tune::run_clean(&mut self.decoder, inputs).map_err(inference)?;
         if out.len() != 3 {
             return Err(SpeechError::Inference(
                 "decoder must return dec, h, c".into(),
@@ -143,7 +143,7 @@ impl RnntDecoder {
 
     fn step_joint(&mut self, enc: &Tensor, dec: &Tensor) -> Result<(usize, f32), SpeechError> {
         let inputs = ordered(self.joint_inputs, [enc.clone(), dec.clone()]);
-        let out = self.joint.run(inputs).map_err(inference)?;
+        let out = super::tune::run_clean(&mut self.joint, inputs).map_err(inference)?;
         let logits = out
             .first()
             .ok_or_else(|| SpeechError::Inference("joint returned nothing".into()))?;

@@ -97,7 +97,7 @@ impl VadStream {
         let input =
             Tensor::from_shape(&[1, VAD_CONTEXT + VAD_WINDOW], &self.window).map_err(inference)?;
         let inputs = ordered(self.inputs, [input, self.rnn_state.clone()]);
-        let mut out = self.state.run(inputs).map_err(inference)?;
+        let mut out = super::tune::run_clean(&mut self.state, inputs).map_err(inference)?;
         if out.len() != 2 {
             return Err(SpeechError::Inference(
                 "VAD must return output, stateN".into(),

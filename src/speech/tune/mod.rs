@@ -14,8 +14,18 @@
 //!   weight matmuls a kernel that is slow and does not scale across threads.
 //! - [`serialize_row_loops`]: loops of one-row matmuls cost more to dispatch to
 //!   the thread pool than to run.
+//! - [`broadcast::replace_broadcast_binops`]: with a symbolic time axis tract
+//!   cannot prove a broadcasting `Add`/`Sub`/`Mul` long enough for its fast ops
+//!   and runs a generic loop.
 //!
-//! [`rewrite_optimized`] runs the graph-level ones in order.
+//! - [`depthwise::replace_depthwise_convs`]: with a symbolic time axis a
+//!   depthwise convolution becomes 768 one-row matmuls over an im2col buffer.
+//!
+//! [`rewrite_decluttered`] and [`rewrite_optimized`] run the graph-level ones,
+//! before and after tract's optimiser.
+
+pub mod broadcast;
+pub mod depthwise;
 
 use std::collections::BTreeMap;
 
@@ -39,32 +49,70 @@ pub struct Rewrites {
     pub retargeted: usize,
     /// Loops of one-row matmuls kept on the calling thread.
     pub serialized: usize,
+    /// Broadcasting `Add`/`Sub`/`Mul` run as rows ([`broadcast`]).
+    pub broadcasts: usize,
+    /// Depthwise convolutions run as direct loops ([`depthwise`]).
+    pub depthwise: usize,
 }
 
-/// Applies the rewrites of an optimised encoder graph, in order, and compacts it
-/// once. `zero_points` is what [`drop_zero_weight_zero_points`] did to its
-/// proto; repacking the re-targeted weights runs on `executor` when given.
+/// Applies the rewrites of a decluttered encoder graph (before tract's
+/// optimiser, which would lower what they replace) and records them in `done`.
+pub fn rewrite_decluttered(model: &mut TypedModel, done: &mut Rewrites) -> TractResult<()> {
+    done.depthwise = depthwise::replace_depthwise_convs(model)?;
+    if done.depthwise > 0 {
+        *model = std::mem::take(model).into_compact()?;
+    }
+    Ok(())
+}
+
+/// Applies the rewrites of an optimised encoder graph, in order, compacts it
+/// once, and records them in `done` (which carries what the earlier stages did).
+/// Repacking the re-targeted weights runs on `executor` when given.
 pub fn rewrite_optimized(
     model: &mut TypedModel,
-    zero_points: usize,
+    done: &mut Rewrites,
     executor: Option<tract_linalg::multithread::Executor>,
-) -> TractResult<Rewrites> {
-    let folded = fold_constant_chains(model)?;
-    let quantizers = replace_dynamic_quantize(model)?;
+) -> TractResult<()> {
+    done.folded = fold_constant_chains(model)?;
+    done.quantizers = replace_dynamic_quantize(model)?;
     let mut retarget = || retarget_weight_matmuls(model, KERNEL_N_HINT);
-    let retargeted = match executor {
+    done.retargeted = match executor {
         Some(pool) => tract_linalg::multithread::multithread_tract_scope(pool, retarget)?,
         None => retarget()?,
     };
-    let serialized = serialize_row_loops(model);
+    done.serialized = serialize_row_loops(model);
+    done.broadcasts = broadcast::replace_broadcast_binops(model)?;
     *model = std::mem::take(model).into_compact()?;
-    Ok(Rewrites {
-        zero_points,
-        folded,
-        quantizers,
-        retargeted,
-        serialized,
+    Ok(())
+}
+
+/// Runs a plan like `state.run(inputs)`, clearing the upper halves of the AVX
+/// registers before each node (see [`clear_avx_upper`]).
+pub fn run_clean(state: &mut TypedSimpleState, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+    state.run_plan_with_eval(inputs, |ctx, op_state, node, node_inputs| {
+        clear_avx_upper();
+        tract_onnx::tract_core::plan::eval(ctx, op_state, node, node_inputs)
     })
+}
+
+/// Leaves the CPU's AVX registers with clean upper halves (a `VZEROUPPER`),
+/// so that code compiled for baseline x86-64 (SSE, as this crate and most of
+/// tract are) runs at full speed.
+///
+/// tract-linalg's hand-written AVX-512 kernels return without `VZEROUPPER`.
+/// Until something clears them, every legacy-SSE instruction after one of
+/// them pays for the dirty upper state: on this Zen 4 the same quantizer loop,
+/// on the same data, ran 4 to 8 times slower after a kernel than in isolation,
+/// and the whole int8 encoder 0.41 s instead of 0.32 s (docs/perf.md).
+///
+/// This crate forbids `unsafe`, so it cannot issue the instruction itself:
+/// it runs memchr's AVX2 search over 64 bytes, which LLVM compiles with
+/// `target_feature(avx2)` and ends with `VZEROUPPER`, as it ends every function
+/// that used the wide registers. About 10 ns. On a CPU without AVX2 memchr
+/// takes its SSE2 path, and there is no upper state to clear.
+pub fn clear_avx_upper() {
+    static BYTES: [u8; 64] = [0; 64];
+    std::hint::black_box(memchr::memchr(1, std::hint::black_box(&BYTES)));
 }
 
 /// Ids of the nodes `keep` selects.
@@ -786,6 +834,7 @@ mod tests {
         let done = same_bits_with_and_without("v3_e2e_rnnt_encoder_int8.onnx");
         assert!(done.zero_points > 0, "{done:?}");
         assert!(done.quantizers > 0, "{done:?}");
+        assert!(done.depthwise > 0 && done.broadcasts > 0, "{done:?}");
     }
 
     /// The full-size int8 model (`make bench` generates it), where tract's
@@ -812,7 +861,7 @@ mod tests {
             "models/gigaam-v3-full-random/gen",
             "v3_e2e_rnnt_encoder.onnx",
         );
-        assert!(done.serialized > 0, "{done:?}");
+        assert!(done.depthwise > 0 && done.broadcasts > 0, "{done:?}");
     }
 
     /// The int8 pattern at full size: column sums of a weight too large for
@@ -877,7 +926,8 @@ mod tests {
     #[test]
     fn fp32_rewrites_change_no_bit_of_the_encoder_output() {
         let done = same_bits_with_and_without("v3_e2e_rnnt_encoder.onnx");
-        assert!(done.serialized > 0, "the depthwise row loops: {done:?}");
+        assert!(done.depthwise > 0, "the depthwise convolutions: {done:?}");
+        assert!(done.broadcasts > 0, "{done:?}");
         // Where tract's symbolic pick is not its preferred kernel (AVX-512:
         // 64x3 vs 16x12), the weight matmuls must have moved.
         let preferred = tract_linalg::MmmDispatch::native()
