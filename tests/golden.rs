@@ -184,26 +184,40 @@ fn ctc_ids_and_frames_are_identical() {
     }
 }
 
+/// Decodes every golden input whose fp32 ids `precision` must reproduce (for
+/// int8, those its golden marks `same_ids_as_fp32`) and checks the ids against
+/// the fp32 golden. Returns how many inputs were checked.
+fn check_golden_ids(rec: &mut Recognizer, precision: Precision) -> usize {
+    let key = match precision {
+        Precision::Int8 => "int8_encoder_max_symbols_10",
+        _ => "max_symbols_10",
+    };
+    let mut checked = 0;
+    for (name, g) in inputs() {
+        let want = &g["rnnt"][key];
+        if want.is_null()
+            || (precision == Precision::Int8 && want["same_ids_as_fp32"] != Value::Bool(true))
+        {
+            continue;
+        }
+        let samples = wav_samples(g["wav"].as_str().unwrap());
+        let (ids, _) = ids_frames(rec, &samples);
+        assert_eq!(
+            ids,
+            usizes(&g["rnnt"]["max_symbols_10"]["ids"]),
+            "{name}: {precision:?} ids"
+        );
+        checked += 1;
+    }
+    checked
+}
+
 #[test]
 fn int8_encoder_decodes_to_the_same_ids() {
     let engine = engine(Variant::Rnnt, Precision::Int8);
     assert_eq!(engine.info().precision, Precision::Int8);
     let mut rec = engine.recognizer().unwrap();
-    let mut checked = 0;
-    for (name, g) in inputs() {
-        let want = &g["rnnt"]["int8_encoder_max_symbols_10"];
-        if want.is_null() || want["same_ids_as_fp32"] != Value::Bool(true) {
-            continue;
-        }
-        let samples = wav_samples(g["wav"].as_str().unwrap());
-        let (ids, _) = ids_frames(&mut rec, &samples);
-        assert_eq!(
-            ids,
-            usizes(&g["rnnt"]["max_symbols_10"]["ids"]),
-            "{name}: int8 ids"
-        );
-        checked += 1;
-    }
+    let checked = check_golden_ids(&mut rec, Precision::Int8);
     assert!(checked >= 10, "only {checked} inputs checked");
 }
 
@@ -212,10 +226,7 @@ fn int8_encoder_decodes_to_the_same_ids() {
 /// golden ids, for both precisions.
 #[test]
 fn a_shared_two_thread_pool_decodes_to_the_same_ids() {
-    for (precision, key) in [
-        (Precision::Fp32, "max_symbols_10"),
-        (Precision::Int8, "int8_encoder_max_symbols_10"),
-    ] {
+    for precision in [Precision::Fp32, Precision::Int8] {
         let engine = engine_with_threads(Variant::Rnnt, precision, 2);
         assert_eq!(engine.info().encoder_threads, 2);
         let checked: usize = std::thread::scope(|s| {
@@ -224,25 +235,7 @@ fn a_shared_two_thread_pool_decodes_to_the_same_ids() {
                     let engine = Arc::clone(&engine);
                     s.spawn(move || {
                         let mut rec = engine.recognizer().unwrap();
-                        let mut checked = 0;
-                        for (name, g) in inputs() {
-                            let want = &g["rnnt"][key];
-                            if want.is_null()
-                                || (precision == Precision::Int8
-                                    && want["same_ids_as_fp32"] != Value::Bool(true))
-                            {
-                                continue;
-                            }
-                            let samples = wav_samples(g["wav"].as_str().unwrap());
-                            let (ids, _) = ids_frames(&mut rec, &samples);
-                            assert_eq!(
-                                ids,
-                                usizes(&g["rnnt"]["max_symbols_10"]["ids"]),
-                                "{name} {precision:?} on two threads"
-                            );
-                            checked += 1;
-                        }
-                        checked
+                        check_golden_ids(&mut rec, precision)
                     })
                 })
                 .collect();

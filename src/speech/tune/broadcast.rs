@@ -228,16 +228,11 @@ impl EvalOp for BroadcastBin {
     op_out_of_plan!();
 
     fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let (a, b) = args_2!(inputs);
-        let (full, other) = if self.full == 0 { (a, b) } else { (b, a) };
-        if !self.fits(&full, &other) {
-            let inputs = if self.full == 0 {
-                tvec![full, other]
-            } else {
-                tvec![other, full]
-            };
+        if !self.fits(&inputs[self.full], &inputs[1 - self.full]) {
             return self.original.eval(ctx, inputs);
         }
+        let (a, b) = args_2!(inputs);
+        let (full, other) = if self.full == 0 { (a, b) } else { (b, a) };
         let mut out = full.into_tensor();
         // `x` is the full operand's element, `y` the other's; Sub keeps the
         // graph's operand order.

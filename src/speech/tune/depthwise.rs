@@ -290,16 +290,21 @@ impl EvalOp for Depthwise1d {
             Ok(tvec!(out.into_tvalue()))
         } else {
             let mut out = Tensor::zero::<f32>(&shape)?;
-            let bias = match &self.bias {
-                Some(b) => Some(b.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()),
-                None => None,
-            };
+            let bias_view = self
+                .bias
+                .as_ref()
+                .map(|b| b.try_as_plain_ram())
+                .transpose()?;
+            let bias = bias_view
+                .as_ref()
+                .map(|v| v.as_slice::<f32>())
+                .transpose()?;
             self.run::<f32, f32, f32>(
                 x,
                 &mut out,
                 |v| v,
                 |acc, w, v| w.mul_add(v, acc),
-                |c, acc| bias.as_ref().map_or(acc, |b| acc + b[c]),
+                |c, acc| bias.map_or(acc, |b| acc + b[c]),
             )?;
             Ok(tvec!(out.into_tvalue()))
         }

@@ -17,7 +17,6 @@
 //! - [`broadcast::replace_broadcast_binops`]: with a symbolic time axis tract
 //!   cannot prove a broadcasting `Add`/`Sub`/`Mul` long enough for its fast ops
 //!   and runs a generic loop.
-//!
 //! - [`depthwise::replace_depthwise_convs`]: with a symbolic time axis a
 //!   depthwise convolution becomes 768 one-row matmuls over an im2col buffer.
 //!
@@ -852,8 +851,8 @@ mod tests {
         );
     }
 
-    /// The same for the full-size fp32 encoder (re-targeted kernels, serial
-    /// row loops).
+    /// The same for the full-size fp32 encoder (re-targeted kernels, direct
+    /// depthwise convolutions, broadcasting ops).
     #[test]
     #[ignore = "needs the full-size model from make bench"]
     fn full_size_fp32_rewrites_change_no_bit() {
