@@ -254,14 +254,15 @@ pub(crate) fn load_engine(
         "encoder kernels: {}; rewrites: {} weight matmuls moved to the long-input kernel, \
          {} row-loop matmuls kept on one thread, {} zero weight zero points dropped, \
          {} constant chains folded, {} quantizers vectorised, {} broadcasting element-wise ops \
-         run as rows",
+         run as rows, {} depthwise convolutions run directly",
         info.encoder_kernels,
         r.retargeted,
         r.serialized,
         r.zero_points,
         r.folded,
         r.quantizers,
-        r.broadcasts
+        r.broadcasts,
+        r.depthwise
     );
     if info.is_test_model {
         log::warn!(
