@@ -26,6 +26,7 @@ Run: `cargo build`, `scripts/proxy-env.sh`, then
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
 import json
@@ -403,25 +404,41 @@ def test_proxy_logs_are_clean(proxy):
 
 def ws_transcribe(uri: str, *, ssl_ctx=None, host: str | None = None, port: int = 0,
                   headers: dict[str, str] | None = None) -> str:
-    """golos_00 as PCM16 at 16 kHz over /v1/ws; returns the joined final texts."""
+    """golos_00 as PCM16 at 16 kHz over /v1/ws; returns the joined final texts.
+
+    This uses websockets' asyncio client, not the threaded sync one. Over TLS 1.3
+    the sync client's reader thread can sit in a blocking read (after the server's
+    session tickets) while the caller writes the upgrade request on the same SSL
+    object; with the CPU busy, 3 of 900 handshakes to a local Caddy then got no
+    response (CI saw one). With TLS 1.2, or with the asyncio client, none did.
+    """
+    return asyncio.run(_ws_transcribe(uri, ssl_ctx=ssl_ctx, host=host, port=port,
+                                      headers=headers))
+
+
+async def _ws_transcribe(uri: str, *, ssl_ctx, host: str | None, port: int,
+                         headers: dict[str, str] | None) -> str:
+    from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
-    from websockets.sync.client import connect
 
     pcm = pcm16_of(golos("golos_00"))
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10) if port else None
-    kwargs = {"sock": sock, "server_hostname": host} if sock and ssl_ctx else {"sock": sock}
+    kwargs = {}
+    if port:
+        kwargs = {"host": "127.0.0.1", "port": port}
+        if ssl_ctx:
+            kwargs["server_hostname"] = host
     finals = []
-    with connect(uri, ssl=ssl_ctx, additional_headers=headers or {}, open_timeout=15,
-                 max_size=2**22, **kwargs) as ws:
-        ready = json.loads(ws.recv(timeout=15))
+    async with connect(uri, ssl=ssl_ctx, additional_headers=headers or {}, open_timeout=15,
+                       max_size=2**22, **kwargs) as ws:
+        ready = json.loads(await asyncio.wait_for(ws.recv(), 15))
         assert ready["type"] == "ready", ready
-        ws.send(json.dumps({"type": "configure", "sample_rate": 16000}))
+        await ws.send(json.dumps({"type": "configure", "sample_rate": 16000}))
         for i in range(0, len(pcm), 16000):  # 0.5 s per frame
-            ws.send(pcm[i:i + 16000])
-        ws.send(json.dumps({"type": "stop"}))
+            await ws.send(pcm[i:i + 16000])
+        await ws.send(json.dumps({"type": "stop"}))
         while True:
             try:
-                message = ws.recv(timeout=60)
+                message = await asyncio.wait_for(ws.recv(), 60)
             except (ConnectionClosed, TimeoutError):
                 break
             if isinstance(message, bytes):
