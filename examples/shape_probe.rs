@@ -13,7 +13,9 @@
 //! PROBE_DUMP_DECLUTTERED the same before optimisation),
 //! PROBE_CLEAN=1 (clear the AVX upper state before each node, as gigastt
 //! does), PROBE_INSTALL=1 (runs start on one of the pool's threads, as gigastt does),
-//! PROBE_SMART=1 (general-path matmuls run single-threaded, per node).
+//! PROBE_SMART=1 (general-path matmuls run single-threaded, per node),
+//! PROBE_LEAN=1 (weights stay in the file until tract reads them, as gigastt
+//! loads). Each load prints its stages with time and resident memory.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -34,12 +36,26 @@ fn load(
         .with_ignore_output_shapes(true)
         .with_ignore_value_info(true);
     let tune = std::env::var("PROBE_TUNE").is_ok();
-    let mut proto = onnx.proto_model_for_path(path)?;
+    let mut stages = Stages::default();
+    let mut proto = if std::env::var("PROBE_LEAN").is_ok() {
+        let lean = gigastt::speech::lean::read(
+            std::path::Path::new(path),
+            gigastt::speech::lean::EXTERNAL_MIN_BYTES,
+        )?;
+        eprintln!("lean: {} initializers left in the file", lean.external);
+        onnx.proto_model_for_read(&mut lean.bytes.as_slice())?
+    } else {
+        onnx.proto_model_for_path(path)?
+    };
+    stages.mark("proto");
     let mut done = gigastt::speech::tune::Rewrites::default();
     if tune {
         done.zero_points = gigastt::speech::tune::drop_zero_weight_zero_points(&mut proto);
     }
-    let mut model = onnx.parse(&proto, None)?.model;
+    let dir = std::path::Path::new(path).parent().and_then(|p| p.to_str());
+    let mut model = onnx.parse(&proto, dir)?.model;
+    drop(proto);
+    stages.mark("parse");
     let t: TDim = match frames {
         Some(n) => n.into(),
         None => {
@@ -56,18 +72,22 @@ fn load(
     }
     let executor = (threads > 1).then(|| tract_linalg::multithread::Executor::multithread(threads));
     let mut model = model.into_typed()?;
+    stages.mark("typed");
     model.declutter()?;
+    stages.mark("declutter");
     if let Ok(pattern) = std::env::var("PROBE_DUMP_DECLUTTERED") {
         dump(&model, &pattern);
     }
     if tune {
         gigastt::speech::tune::rewrite_decluttered(&mut model, &mut done)?;
+        stages.mark("rewrite_decluttered");
     }
     model.optimize()?;
+    stages.mark("optimize");
     if tune {
-        let t = Instant::now();
         gigastt::speech::tune::rewrite_optimized(&mut model, &mut done, executor.clone())?;
-        eprintln!("rewrites {done:?} in {:?}", t.elapsed());
+        stages.mark("rewrite_optimized");
+        eprintln!("rewrites {done:?}");
         eprintln!("kernels: {}", gigastt::speech::tune::kernel_summary(&model));
     }
     if let Ok(pattern) = std::env::var("PROBE_DUMP") {
@@ -77,7 +97,51 @@ fn load(
         executor: executor.clone(),
         ..Default::default()
     })?;
+    stages.mark("runnable");
+    eprintln!("load stages: {}", stages.report());
     Ok((plan, executor))
+}
+
+/// Wall time per load stage, with the process's peak RSS after each.
+struct Stages {
+    last: Instant,
+    done: Vec<String>,
+}
+
+impl Default for Stages {
+    fn default() -> Self {
+        Stages {
+            last: Instant::now(),
+            done: Vec::new(),
+        }
+    }
+}
+
+impl Stages {
+    fn mark(&mut self, name: &str) {
+        let ms = self.last.elapsed().as_millis();
+        self.done
+            .push(format!("{name} {ms} ms (rss {} MB)", rss_mb()));
+        self.last = Instant::now();
+    }
+
+    fn report(&self) -> String {
+        self.done.join(", ")
+    }
+}
+
+/// Resident set size of this process now and at its peak so far (Linux
+/// `VmRSS`, `VmHWM`), "?" elsewhere.
+fn rss_mb() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map_or("?".to_string(), |kb| (kb / 1024).to_string())
+    };
+    format!("{}, peak {}", field("VmRSS:"), field("VmHWM:"))
 }
 
 /// Minor page faults of this process so far (Linux), 0 elsewhere.

@@ -251,11 +251,13 @@ pub(crate) fn load_engine(
     );
     let r = &info.encoder_rewrites;
     log::info!(
-        "encoder kernels: {}; rewrites: {} weight matmuls moved to the long-input kernel, \
+        "encoder kernels: {}; rewrites: {} weights read from the file one at a time, \
+         {} weight matmuls moved to the long-input kernel, \
          {} row-loop matmuls kept on one thread, {} zero weight zero points dropped, \
          {} constant chains folded, {} quantizers vectorised, {} broadcasting element-wise ops \
          run as rows, {} depthwise convolutions run directly",
         info.encoder_kernels,
+        r.weights_from_file,
         r.retargeted,
         r.serialized,
         r.zero_points,

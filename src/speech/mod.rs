@@ -8,6 +8,7 @@
 mod ctc;
 pub mod error;
 pub mod features;
+pub mod lean;
 pub mod model;
 mod rnnt;
 pub mod segment;

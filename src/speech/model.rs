@@ -241,8 +241,22 @@ pub(crate) fn load_encoder_tuned(
     let onnx = tract_onnx::onnx()
         .with_ignore_output_shapes(true)
         .with_ignore_value_info(true);
-    let mut proto = onnx.proto_model_for_path(path).map_err(&err)?;
     let mut rewrites = super::tune::Rewrites::default();
+    let mut proto = if tune {
+        // The weights stay in the file until tract reads them one by one:
+        // loading never holds them twice (docs/perf.md, "Memory").
+        let lean = super::lean::read(path, super::lean::EXTERNAL_MIN_BYTES).map_err(|e| {
+            SpeechError::ModelInvalid {
+                file: path.to_path_buf(),
+                why: e.to_string(),
+            }
+        })?;
+        rewrites.weights_from_file = lean.external;
+        onnx.proto_model_for_read(&mut lean.bytes.as_slice())
+            .map_err(&err)?
+    } else {
+        onnx.proto_model_for_path(path).map_err(&err)?
+    };
     if tune {
         rewrites.zero_points = super::tune::drop_zero_weight_zero_points(&mut proto);
     }

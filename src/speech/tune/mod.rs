@@ -38,6 +38,9 @@ use tract_onnx::tract_core::ops::matmul::optimized::OptMatMul;
 /// What the rewrites did to one graph, for the startup log.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Rewrites {
+    /// Weights left in the model file until tract reads them, one at a time
+    /// ([`crate::speech::lean`]).
+    pub weights_from_file: usize,
     /// Weight zero points dropped (all zeros).
     pub zero_points: usize,
     /// Constant chains folded.
@@ -789,9 +792,9 @@ mod tests {
         check(&[f32::INFINITY, 1.0, -2.0]);
     }
 
-    /// Runs the tiny test encoder with and without the rewrites on the same
-    /// input: the outputs must be the same bits, and the rewrites must have
-    /// found something to do (or this proves nothing).
+    /// Runs the tiny test encoder with and without the rewrites (and the lean
+    /// read) on the same input: the outputs must be the same bits, and the
+    /// rewrites must have found something to do (or this proves nothing).
     fn same_bits_with_and_without(file: &str) -> Rewrites {
         same_bits_in("models/gigaam-v3-tiny-random", file)
     }
@@ -825,6 +828,12 @@ mod tests {
         };
         assert_eq!(a[0].shape(), b[0].shape());
         assert!(bits(&a[0]) == bits(&b[0]), "{file}: outputs differ");
+        // The tuned load read its weights through `lean`, the plain one through
+        // tract's own reader: equal bits cover that too.
+        assert!(
+            build.rewrites.weights_from_file > 0,
+            "{file}: no weight left in the file"
+        );
         build.rewrites
     }
 
