@@ -25,6 +25,10 @@ use gigastt::speech::{
 };
 use serde_json::{Value, json};
 
+/// The allocator the gigastt binary uses (src/main.rs), so the numbers are its.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 type BenchResult<T> = Result<T, Box<dyn Error>>;
 
 const USAGE: &str = "\

@@ -24,6 +24,10 @@ use std::time::Instant;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::InferenceFact;
 
+/// The allocator the gigastt binary uses (src/main.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn load(
     path: &str,
     frames: Option<usize>,
