@@ -281,12 +281,11 @@ impl EvalOp for FastDynamicQuantize {
         let input = inputs[0].cast_to::<f32>()?;
         let view = input.try_as_plain_ram()?;
         let xs = view.as_slice::<f32>()?;
-        let (scale, zero_point) = scale_and_zero_point(xs);
         let mut out = Tensor::zero::<u8>(input.shape())?;
-        {
+        let (scale, zero_point) = {
             let mut out_view = out.try_as_plain_ram_mut()?;
-            quantize(xs, scale, zero_point, out_view.as_slice_mut::<u8>()?);
-        }
+            dynamic_quantize(xs, out_view.as_slice_mut::<u8>()?)?
+        };
         Ok(tvec!(
             out.into_tvalue(),
             tensor0(scale).into_tvalue(),
@@ -305,9 +304,47 @@ impl TypedOp for FastDynamicQuantize {
     as_op!();
 }
 
-/// Scale and zero point of ONNX `DynamicQuantizeLinear` (uint8). NaNs are
-/// skipped, as in tract's fold.
-fn scale_and_zero_point(xs: &[f32]) -> (f32, u8) {
+/// The op's work: the range of `xs`, then each element quantised into `out`,
+/// both spread over the thread pool. Returns the scale and zero point.
+fn dynamic_quantize(xs: &[f32], out: &mut [u8]) -> TractResult<(f32, u8)> {
+    let (scale, zero_point) = scale_and_zero_point(par_min_max(xs)?);
+    let total = out.len();
+    // Element by element, so any split gives the same bytes.
+    tract_linalg::multithread::par_chunks_mut(out, 1, total, |first, chunk| {
+        clear_avx_upper();
+        quantize(&xs[first..first + chunk.len()], scale, zero_point, chunk);
+        Ok(())
+    })?;
+    Ok((scale, zero_point))
+}
+
+/// Blocks [`par_min_max`] splits its input into (more than threads, so that
+/// uneven threads still finish together).
+const MIN_MAX_BLOCKS: usize = 16;
+
+/// [`min_max`] of `xs`, its blocks spread over the thread pool. Exact in any
+/// split: the minimum and maximum do not depend on the order they are taken in
+/// (NaNs are skipped and a zero never replaces a zero, in every block and when
+/// the blocks are combined).
+fn par_min_max(xs: &[f32]) -> TractResult<(f32, f32)> {
+    let block = xs.len().div_ceil(MIN_MAX_BLOCKS).max(1);
+    let mut parts = vec![(0f32, 0f32); xs.len().div_ceil(block)];
+    tract_linalg::multithread::par_chunks_mut(&mut parts, 1, xs.len(), |first, chunk| {
+        clear_avx_upper();
+        for (i, part) in chunk.iter_mut().enumerate() {
+            let start = (first + i) * block;
+            *part = min_max(&xs[start..(start + block).min(xs.len())]);
+        }
+        Ok(())
+    })?;
+    let lows: Vec<f32> = parts.iter().map(|p| p.0).collect();
+    let highs: Vec<f32> = parts.iter().map(|p| p.1).collect();
+    Ok((min_max(&lows).0, min_max(&highs).1))
+}
+
+/// The smallest and largest of 0 and `xs`, NaNs skipped: the range ONNX
+/// `DynamicQuantizeLinear` quantises over.
+fn min_max(xs: &[f32]) -> (f32, f32) {
     // Eight lanes so the compiler keeps the comparisons in vector registers.
     let mut lo = [0f32; 8];
     let mut hi = [0f32; 8];
@@ -332,6 +369,12 @@ fn scale_and_zero_point(xs: &[f32]) -> (f32, u8) {
             max = v;
         }
     }
+    (min, max)
+}
+
+/// Scale and zero point of ONNX `DynamicQuantizeLinear` (uint8) for the range
+/// `min..=max` from [`min_max`].
+fn scale_and_zero_point((min, max): (f32, f32)) -> (f32, u8) {
     let scale = (max - min) / 255.0;
     let zero_point = (-min / scale).round_ties_even().clamp(0.0, 255.0);
     // NaN (all-zero input: 0/0) becomes 0, as `max(0.0)` makes it in tract.
@@ -761,19 +804,32 @@ mod tests {
     }
 
     fn check(xs: &[f32]) {
-        let (scale, zp) = scale_and_zero_point(xs);
+        let (scale, zp) = scale_and_zero_point(min_max(xs));
         let mut out = vec![0u8; xs.len()];
         quantize(xs, scale, zp, &mut out);
         let (rs, rzp, rq) = reference(xs);
         assert!(scale.to_bits() == rs.to_bits() || (scale.is_nan() && rs.is_nan()));
         assert_eq!(zp, rzp);
         assert_eq!(out, rq);
+        // The op's own path: the range taken in blocks on a two-thread pool,
+        // and the whole op against the serial result.
+        let bits = |(lo, hi): (f32, f32)| (lo.to_bits(), hi.to_bits());
+        let pool = tract_linalg::multithread::Executor::multithread(2);
+        tract_linalg::multithread::multithread_tract_scope(pool, || {
+            let blocks = par_min_max(xs).expect("par_min_max");
+            assert_eq!(bits(blocks), bits(min_max(xs)));
+            let mut q = vec![0u8; xs.len()];
+            let (s, z) = dynamic_quantize(xs, &mut q).expect("dynamic_quantize");
+            assert_eq!((s.to_bits(), z), (scale.to_bits(), zp));
+            assert_eq!(q, out);
+        });
     }
 
     #[test]
     fn quantize_matches_the_reference_bit_for_bit() {
         let mut rnd = uniform(7);
-        for len in [0usize, 1, 7, 8, 9, 100, 4097] {
+        // 100_003: past tract's threshold for splitting over threads.
+        for len in [0usize, 1, 7, 8, 9, 100, 4097, 100_003] {
             for spread in [1e-3f32, 1.0, 37.5, 1e6] {
                 let xs: Vec<f32> = (0..len).map(|_| rnd() * spread).collect();
                 check(&xs);
