@@ -15,7 +15,7 @@
 //! does), PROBE_INSTALL=1 (runs start on one of the pool's threads, as gigastt does),
 //! PROBE_SMART=1 (general-path matmuls run single-threaded, per node),
 //! PROBE_LEAN=1 (weights stay in the file until tract reads them, as gigastt
-//! loads). Each load prints its stages with time and resident memory.
+//! loads), PROBE_PASSES=1 (time tract's optimiser pass by pass). Each load prints its stages with time and resident memory.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -86,7 +86,11 @@ fn load(
         gigastt::speech::tune::rewrite_decluttered(&mut model, &mut done)?;
         stages.mark("rewrite_decluttered");
     }
-    model.optimize()?;
+    if std::env::var("PROBE_PASSES").is_ok() {
+        optimize_timing_passes(&mut model)?;
+    } else {
+        model.optimize()?;
+    }
     stages.mark("optimize");
     if tune {
         gigastt::speech::tune::rewrite_optimized(&mut model, &mut done, executor.clone())?;
@@ -104,6 +108,30 @@ fn load(
     stages.mark("runnable");
     eprintln!("load stages: {}", stages.report());
     Ok((plan, executor))
+}
+
+/// tract's `optimize`, pass by pass, printing each pass's time and the node
+/// count (three rounds of the codegen passes; `optimize` stops when a round
+/// changes nothing).
+fn optimize_timing_passes(model: &mut TypedModel) -> TractResult<()> {
+    use tract_onnx::tract_core::optim::Optimizer;
+    let optimizer = Optimizer::codegen();
+    let mut session = optimizer.session();
+    model.compact()?;
+    for round in 0..3 {
+        for pass in &optimizer.passes {
+            let mut pass = pass.clone();
+            let t = Instant::now();
+            session.run_one_pass_outer(round, pass.as_mut(), model)?;
+            model.compact()?;
+            eprintln!(
+                "  pass {round} {pass:?}: {} ms, {} nodes",
+                t.elapsed().as_millis(),
+                model.nodes().len()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Wall time per load stage, with the process's peak RSS after each.
