@@ -345,6 +345,51 @@ fn missing_model_dir_exits_3_and_points_to_download() {
     );
 }
 
+/// A model directory like the tiny one, with the encoder of `precision` cut
+/// to `keep` bytes (the weights are read straight from that file).
+fn model_with_cut_encoder(precision: &str, keep: usize) -> (TempFile, String) {
+    let dir = TempFile::new("-cut-model");
+    std::fs::create_dir_all(dir.path()).unwrap();
+    for entry in std::fs::read_dir(tiny_model()).unwrap() {
+        let from = entry.unwrap().path();
+        std::fs::copy(&from, dir.path().join(from.file_name().unwrap())).unwrap();
+    }
+    let encoder = match precision {
+        "int8" => "v3_e2e_rnnt_encoder_int8.onnx",
+        _ => "v3_e2e_rnnt_encoder.onnx",
+    };
+    let path = dir.path().join(encoder);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..keep.min(bytes.len())]).unwrap();
+    (dir, path_str(&path))
+}
+
+#[test]
+fn a_cut_encoder_file_exits_3_naming_it_and_the_fix() {
+    for precision in ["fp32", "int8"] {
+        for keep in [100, 700_000] {
+            let (dir, encoder) = model_with_cut_encoder(precision, keep);
+            let out = gigastt(&[
+                "transcribe",
+                &path_str(&golos_path("golos_00")),
+                "--model-dir",
+                &path_str(dir.path()),
+                "--precision",
+                precision,
+            ])
+            .output()
+            .unwrap();
+            let err = stderr(&out);
+            let what = format!("{precision} encoder cut to {keep} bytes");
+            assert_eq!(out.status.code(), Some(3), "{what}: {err}");
+            assert!(err.contains(&encoder), "{what}: {err}");
+            assert!(err.contains("gigastt download"), "{what}: {err}");
+            assert!(!err.contains("panicked"), "{what}: {err}");
+            std::fs::remove_dir_all(dir.path()).unwrap();
+        }
+    }
+}
+
 #[test]
 fn unknown_flag_exits_2() {
     for args in [
