@@ -46,20 +46,30 @@ const FIXED32: u8 = 5;
 pub struct LeanModel {
     /// The rewritten `ModelProto`, ready for tract's decoder.
     pub bytes: Vec<u8>,
+    /// The directory tract must parse it in: the file's own, symlinks resolved
+    /// (tract refuses external data that resolves outside it, and a model
+    /// directory of links, like a Hugging Face snapshot, points elsewhere).
+    pub dir: std::path::PathBuf,
     /// How many initializers now point into the file.
     pub external: usize,
 }
 
 /// Reads the ONNX model at `path`. Initializers with at least `min_bytes` of
-/// `raw_data` become external data in `path` itself, so tract must parse the
-/// result with `path`'s directory as the model directory.
+/// `raw_data` become external data in the file itself, so tract must parse the
+/// result with [`LeanModel::dir`] as the model directory.
 pub fn read(path: &Path, min_bytes: u64) -> io::Result<LeanModel> {
+    let path = path.canonicalize()?;
+    let unusable = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, why.to_string());
+    let dir = path
+        .parent()
+        .ok_or_else(|| unusable("the model file has no directory"))?
+        .to_path_buf();
     let location = path
         .file_name()
         .and_then(|n| n.to_str())
-        .ok_or_else(|| malformed("the model file name is not UTF-8"))?
+        .ok_or_else(|| unusable("the model file name is not UTF-8"))?
         .to_string();
-    let file = File::open(path)?;
+    let file = File::open(&path)?;
     let end = file.metadata()?.len();
     let mut walk = Walk {
         src: Source {
@@ -74,6 +84,7 @@ pub fn read(path: &Path, min_bytes: u64) -> io::Result<LeanModel> {
     walk.model(end, &mut bytes)?;
     Ok(LeanModel {
         bytes,
+        dir,
         external: walk.external,
     })
 }
@@ -361,6 +372,25 @@ mod tests {
             // so the tuned-vs-plain encoder tests in `tune` load through here.
             assert!(check_against_tract(file, EXTERNAL_MIN_BYTES) > 0, "{file}");
         }
+    }
+
+    /// A model directory of symlinks into another directory (a Hugging Face
+    /// snapshot, a shared model store) loads: tract refuses external data
+    /// outside the model directory, so the weights must be located from the
+    /// file the link resolves to.
+    #[cfg(unix)]
+    #[test]
+    fn a_model_reached_through_a_symlink_loads() {
+        let dir = std::env::temp_dir().join(format!("gigastt-lean-link-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let link = dir.join("v3_e2e_rnnt_encoder.onnx");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(tiny("v3_e2e_rnnt_encoder.onnx"), &link).expect("symlink");
+        let loaded =
+            crate::speech::model::load_encoder_tuned(&link, ("audio_signal", "length"), None, true);
+        let _ = std::fs::remove_dir_all(&dir);
+        let (_, build) = loaded.expect("loads through the link");
+        assert!(build.rewrites.weights_from_file > 0);
     }
 
     #[test]

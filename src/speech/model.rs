@@ -242,6 +242,7 @@ pub(crate) fn load_encoder_tuned(
         .with_ignore_output_shapes(true)
         .with_ignore_value_info(true);
     let mut rewrites = super::tune::Rewrites::default();
+    let mut model_dir = path.parent().map(Path::to_path_buf);
     let mut proto = if tune {
         // The weights stay in the file until tract reads them one by one:
         // loading never holds them twice (docs/perf.md, "Memory").
@@ -252,6 +253,7 @@ pub(crate) fn load_encoder_tuned(
             }
         })?;
         rewrites.weights_from_file = lean.external;
+        model_dir = Some(lean.dir);
         onnx.proto_model_for_read(&mut lean.bytes.as_slice())
             .map_err(&err)?
     } else {
@@ -261,7 +263,7 @@ pub(crate) fn load_encoder_tuned(
         rewrites.zero_points = super::tune::drop_zero_weight_zero_points(&mut proto);
     }
     let mut model = onnx
-        .parse(&proto, path.parent().and_then(Path::to_str))
+        .parse(&proto, model_dir.as_deref().and_then(Path::to_str))
         .map_err(&err)?
         .model;
     drop(proto);
