@@ -41,23 +41,28 @@ fn load(
         .with_ignore_value_info(true);
     let tune = std::env::var("PROBE_TUNE").is_ok();
     let mut stages = Stages::default();
-    let mut proto = if std::env::var("PROBE_LEAN").is_ok() {
+    let (mut proto, dir) = if std::env::var("PROBE_LEAN").is_ok() {
         let lean = gigastt::speech::lean::read(
             std::path::Path::new(path),
             gigastt::speech::lean::EXTERNAL_MIN_BYTES,
         )?;
         eprintln!("lean: {} initializers left in the file", lean.external);
-        onnx.proto_model_for_read(&mut lean.bytes.as_slice())?
+        (
+            onnx.proto_model_for_read(&mut lean.bytes.as_slice())?,
+            lean.dir,
+        )
     } else {
-        onnx.proto_model_for_path(path)?
+        let dir = std::path::Path::new(path)
+            .parent()
+            .unwrap_or(std::path::Path::new("."));
+        (onnx.proto_model_for_path(path)?, dir.to_path_buf())
     };
     stages.mark("proto");
     let mut done = gigastt::speech::tune::Rewrites::default();
     if tune {
         done.zero_points = gigastt::speech::tune::drop_zero_weight_zero_points(&mut proto);
     }
-    let dir = std::path::Path::new(path).parent().and_then(|p| p.to_str());
-    let mut model = onnx.parse(&proto, dir)?.model;
+    let mut model = onnx.parse(&proto, dir.to_str())?.model;
     drop(proto);
     stages.mark("parse");
     let t: TDim = match frames {

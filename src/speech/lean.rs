@@ -218,20 +218,15 @@ impl<R: Read + Seek> Walk<R> {
     fn tensor(&mut self, end: u64, out: &mut Vec<u8>) -> io::Result<()> {
         let mut left = None;
         let mut located = false;
-        // An explicit `data_location: DEFAULT` is written back only if the
-        // data stays inline.
-        let mut default_location = None;
         while self.src.pos < end {
             let (field, wire, key) = self.src.key()?;
             if field == TENSOR_DATA_LOCATION && wire == VARINT {
+                // Copied as it stands: an explicit `DEFAULT` is overridden by
+                // the `EXTERNAL` written after it (the last value wins).
                 let location = self.src.varint()?;
-                if location == DATA_LOCATION_EXTERNAL {
-                    located = true;
-                    put_varint(out, key);
-                    put_varint(out, location);
-                } else {
-                    default_location = Some(location);
-                }
+                located |= location == DATA_LOCATION_EXTERNAL;
+                put_varint(out, key);
+                put_varint(out, location);
             } else if field == TENSOR_RAW_DATA && wire == LEN {
                 let len = self.src.len(end)?;
                 if len >= self.min_bytes {
@@ -249,10 +244,6 @@ impl<R: Read + Seek> Walk<R> {
             }
         }
         let Some((offset, len)) = left else {
-            if let Some(location) = default_location {
-                put_varint(out, field_key(TENSOR_DATA_LOCATION, VARINT));
-                put_varint(out, location);
-            }
             return Ok(());
         };
         if located {

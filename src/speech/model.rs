@@ -242,26 +242,22 @@ pub(crate) fn load_encoder_tuned(
         .with_ignore_output_shapes(true)
         .with_ignore_value_info(true);
     let mut rewrites = super::tune::Rewrites::default();
-    let mut model_dir = path.parent().map(Path::to_path_buf);
-    let mut proto = if tune {
-        // The weights stay in the file until tract reads them one by one:
-        // loading never holds them twice (docs/perf.md, "Memory").
-        let lean = super::lean::read(path, super::lean::EXTERNAL_MIN_BYTES).map_err(|e| {
-            SpeechError::ModelInvalid {
-                file: path.to_path_buf(),
-                why: e.to_string(),
-            }
-        })?;
+    let (proto, model_dir) = if tune {
+        // The weights stay in the file until tract reads them one by one, so
+        // the file, the decoded protobuf and the tensors are never all in
+        // memory at once (docs/perf.md, "Memory allocator and loading").
+        let lean =
+            super::lean::read(path, super::lean::EXTERNAL_MIN_BYTES).map_err(|e| err(e.into()))?;
         rewrites.weights_from_file = lean.external;
-        model_dir = Some(lean.dir);
-        onnx.proto_model_for_read(&mut lean.bytes.as_slice())
-            .map_err(&err)?
-    } else {
-        onnx.proto_model_for_path(path).map_err(&err)?
-    };
-    if tune {
+        let mut proto = onnx
+            .proto_model_for_read(&mut lean.bytes.as_slice())
+            .map_err(&err)?;
         rewrites.zero_points = super::tune::drop_zero_weight_zero_points(&mut proto);
-    }
+        (proto, Some(lean.dir))
+    } else {
+        let proto = onnx.proto_model_for_path(path).map_err(&err)?;
+        (proto, path.parent().map(Path::to_path_buf))
+    };
     let mut model = onnx
         .parse(&proto, model_dir.as_deref().and_then(Path::to_str))
         .map_err(&err)?

@@ -337,9 +337,12 @@ fn par_min_max(xs: &[f32]) -> TractResult<(f32, f32)> {
         }
         Ok(())
     })?;
-    let lows: Vec<f32> = parts.iter().map(|p| p.0).collect();
-    let highs: Vec<f32> = parts.iter().map(|p| p.1).collect();
-    Ok((min_max(&lows).0, min_max(&highs).1))
+    Ok(parts.iter().fold((0f32, 0f32), |(min, max), &(lo, hi)| {
+        (
+            if lo < min { lo } else { min },
+            if hi > max { hi } else { max },
+        )
+    }))
 }
 
 /// The smallest and largest of 0 and `xs`, NaNs skipped: the range ONNX
