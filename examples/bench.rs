@@ -228,8 +228,10 @@ fn main() -> BenchResult<()> {
     let info = engine.info();
     let label = format!("{}_t{}", info.precision.as_str(), args.threads);
     eprintln!(
-        "{label}: {} loaded in {load_ms:.0} ms",
-        engine.encoder_path().display()
+        "{label}: {} loaded in {load_ms:.0} ms (encoder in {} pieces: {})",
+        engine.encoder_path().display(),
+        info.encoder_pieces,
+        info.encoder_stages
     );
     let rss_after_load = proc_status_mib("VmRSS");
     let peak_after_load = proc_status_mib("VmHWM");

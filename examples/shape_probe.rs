@@ -101,7 +101,10 @@ fn load(
         gigastt::speech::tune::rewrite_optimized(&mut model, &mut done, executor.clone())?;
         stages.mark("rewrite_optimized");
         eprintln!("rewrites {done:?}");
-        eprintln!("kernels: {}", gigastt::speech::tune::kernel_summary(&model));
+        eprintln!(
+            "kernels: {}",
+            gigastt::speech::tune::kernel_summary([&model])
+        );
     }
     if let Ok(pattern) = std::env::var("PROBE_DUMP") {
         dump(&model, &pattern);

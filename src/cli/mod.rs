@@ -240,10 +240,11 @@ pub(crate) fn load_engine(
         .map_err(|e| CliError::new(Exit::Model, e.to_string()))?;
     let info = engine.info();
     log::info!(
-        "model {} loaded from {} in {} ms: {} {}, vocab {}, encoder threads {}",
+        "model {} loaded from {} in {} ms (encoder: {}): {} {}, vocab {}, encoder threads {}",
         info.id,
         dir.display(),
         info.load_ms,
+        info.encoder_stages,
         info.variant.as_str(),
         info.precision.as_str(),
         info.vocab_size,
@@ -251,11 +252,12 @@ pub(crate) fn load_engine(
     );
     let r = &info.encoder_rewrites;
     log::info!(
-        "encoder kernels: {}; rewrites: {} weights read from the file one at a time, \
+        "encoder in {} pieces, kernels: {}; rewrites: {} weights read from the file one at a time, \
          {} weight matmuls moved to the long-input kernel, \
          {} row-loop matmuls kept on one thread, {} zero weight zero points dropped, \
          {} constant chains folded, {} quantizers vectorised, {} broadcasting element-wise ops \
          run as rows, {} depthwise convolutions run directly",
+        info.encoder_pieces,
         info.encoder_kernels,
         r.weights_from_file,
         r.retargeted,

@@ -377,8 +377,7 @@ mod tests {
         let link = dir.join("v3_e2e_rnnt_encoder.onnx");
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(tiny("v3_e2e_rnnt_encoder.onnx"), &link).expect("symlink");
-        let loaded =
-            crate::speech::model::load_encoder_tuned(&link, ("audio_signal", "length"), None, true);
+        let loaded = crate::speech::model::load_encoder(&link, ("audio_signal", "length"), None);
         let _ = std::fs::remove_dir_all(&dir);
         let (_, build) = loaded.expect("loads through the link");
         assert!(build.rewrites.weights_from_file > 0);

@@ -10,6 +10,7 @@ pub mod error;
 pub mod features;
 pub mod lean;
 pub mod model;
+pub mod pieces;
 mod rnnt;
 pub mod segment;
 pub mod stream;
@@ -95,6 +96,10 @@ pub struct ModelInfo {
     pub encoder_threads: usize,
     /// Matmul kernels the encoder plan uses, with counts.
     pub encoder_kernels: String,
+    /// Pieces the encoder graph was cut into and optimised as (see [`pieces`]).
+    pub encoder_pieces: usize,
+    /// The encoder's load stages with their wall time.
+    pub encoder_stages: String,
     /// Graph rewrites applied to the encoder (see `tune`).
     pub encoder_rewrites: tune::Rewrites,
 }
@@ -103,9 +108,7 @@ pub struct ModelInfo {
 pub struct Engine {
     info: ModelInfo,
     files: ModelFiles,
-    encoder: Plan,
-    /// Whether the encoder takes the features before the length (found at load).
-    encoder_signal_first: bool,
+    encoder: model::Encoder,
     decoder: Option<Plan>,
     joint: Option<Plan>,
     vad: Plan,
@@ -137,8 +140,6 @@ impl Engine {
             Variant::Ctc => ("features", "feature_lengths"),
         };
         let (encoder, build) = model::load_encoder(&files.encoder, names, executor.clone())?;
-        let [signal_ix, length_ix] = rnnt::input_positions(&encoder, [names.0, names.1])?;
-        let encoder_signal_first = signal_ix < length_ix;
         let decoder = files
             .decoder
             .as_deref()
@@ -180,13 +181,14 @@ impl Engine {
             load_ms: started.elapsed().as_millis(),
             encoder_threads: threads,
             encoder_kernels: build.kernels,
+            encoder_pieces: build.pieces,
+            encoder_stages: build.stages,
             encoder_rewrites: build.rewrites,
         };
         Ok(Arc::new(Engine {
             info,
             files,
             encoder,
-            encoder_signal_first,
             decoder,
             joint,
             vad,
@@ -231,7 +233,7 @@ impl Engine {
         };
         Ok(Recognizer {
             engine: Arc::clone(self),
-            encoder: self.encoder.spawn().map_err(inference)?,
+            encoder: self.encoder.pieces.spawn().map_err(inference)?,
             rnnt,
             vad: VadStream::new(&self.vad)?,
         })
@@ -264,7 +266,7 @@ pub struct Encoded {
 /// Per-worker state: run states of every graph, reused for each job.
 pub struct Recognizer {
     engine: Arc<Engine>,
-    encoder: TypedSimpleState,
+    encoder: pieces::PiecesState,
     rnnt: Option<rnnt::RnntDecoder>,
     vad: VadStream,
 }
@@ -305,7 +307,7 @@ impl Recognizer {
         let signal =
             Tensor::from_shape(&[1, features::N_MELS, mel.frames], &mel.data).map_err(inference)?;
         let length = Tensor::from_shape(&[1], &[mel.frames as i64]).map_err(inference)?;
-        let inputs = if self.engine.encoder_signal_first {
+        let inputs = if self.engine.encoder.signal_first {
             tvec![signal.into_tvalue(), length.into_tvalue()]
         } else {
             tvec![length.into_tvalue(), signal.into_tvalue()]
@@ -313,7 +315,7 @@ impl Recognizer {
         let encoder = &mut self.encoder;
         let out = self
             .engine
-            .on_pool(|| tune::run_clean(encoder, inputs))
+            .on_pool(|| encoder.run(inputs, tune::run_clean))
             .map_err(inference)?;
         let main = out
             .first()

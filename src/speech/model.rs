@@ -220,29 +220,48 @@ fn input_index(model: &InferenceModel, name: &str, file: &Path) -> Result<usize,
         })
 }
 
-/// Loads an encoder-like graph `[1, 64, T] f32, [1] i64 -> ...` with a symbolic `T`.
+/// Loads an encoder-like graph `[1, 64, T] f32, [1] i64 -> ...` with a symbolic `T`,
+/// tuned and cut into pieces (see [`super::pieces`]).
 pub(crate) fn load_encoder(
     path: &Path,
     names: (&str, &str),
     executor: Option<tract_linalg::multithread::Executor>,
-) -> Result<(Plan, EncoderBuild), SpeechError> {
-    load_encoder_tuned(path, names, executor, true)
+) -> Result<(Encoder, EncoderBuild), SpeechError> {
+    load_encoder_as(path, names, executor, Build::Tuned)
 }
 
-/// [`load_encoder`], with the `tune` rewrites on or off (off: tract alone, the
-/// reference the rewrites are tested against).
-pub(crate) fn load_encoder_tuned(
+/// How [`load_encoder_as`] builds the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Build {
+    /// tract alone, in one piece: the reference the rewrites are tested against.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Plain,
+    /// The lean read, the `tune` rewrites, one piece per layer.
+    Tuned,
+}
+
+/// An encoder plan and the position of its inputs.
+#[derive(Debug, Clone)]
+pub(crate) struct Encoder {
+    pub pieces: Arc<super::pieces::Pieces>,
+    /// Whether the features come before the length.
+    pub signal_first: bool,
+}
+
+/// [`load_encoder`], built as `build` says.
+pub(crate) fn load_encoder_as(
     path: &Path,
     names: (&str, &str),
     executor: Option<tract_linalg::multithread::Executor>,
-    tune: bool,
-) -> Result<(Plan, EncoderBuild), SpeechError> {
+    build: Build,
+) -> Result<(Encoder, EncoderBuild), SpeechError> {
     let err = invalid(path);
+    let mut stages = Stages::new();
     let onnx = tract_onnx::onnx()
         .with_ignore_output_shapes(true)
         .with_ignore_value_info(true);
     let mut rewrites = super::tune::Rewrites::default();
-    let (proto, model_dir) = if tune {
+    let (proto, model_dir) = if build == Build::Tuned {
         // The weights stay in the file until tract reads them one by one, so
         // the file, the decoded protobuf and the tensors are never all in
         // memory at once (docs/perf.md, "Memory allocator and loading").
@@ -263,6 +282,7 @@ pub(crate) fn load_encoder_tuned(
         .map_err(&err)?
         .model;
     drop(proto);
+    stages.mark("read");
     let signal = input_index(&model, names.0, path)?;
     let length = input_index(&model, names.1, path)?;
     // With T >= 2 proven, tract fuses bias adds into the matmuls (a symbolic T
@@ -294,17 +314,52 @@ pub(crate) fn load_encoder_tuned(
         ..Default::default()
     };
     let mut model = model.into_typed().map_err(&err)?;
-    model.declutter().map_err(&err)?;
-    if tune {
-        super::tune::rewrite_decluttered(&mut model, &mut rewrites).map_err(&err)?;
-    }
-    model.optimize().map_err(&err)?;
-    if tune {
-        super::tune::rewrite_optimized(&mut model, &mut rewrites, executor).map_err(&err)?;
-    }
-    let kernels = super::tune::kernel_summary(&model);
-    let plan = model.into_runnable_with_options(&options).map_err(err)?;
-    Ok((plan, EncoderBuild { rewrites, kernels }))
+    stages.mark("typed");
+    let pieces = match build {
+        Build::Plain => {
+            model.declutter().map_err(&err)?;
+            model.optimize().map_err(&err)?;
+            let plan = model.into_runnable_with_options(&options).map_err(&err)?;
+            super::pieces::Pieces::whole(plan).map_err(&err)?
+        }
+        Build::Tuned => {
+            // Declutter, rewrite and optimise layer by layer, on every core:
+            // tract's passes slow down with the size of the graph
+            // (docs/perf.md, "Load time and memory").
+            let done = std::sync::Mutex::new(rewrites);
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let pieces = super::pieces::Pieces::build(model, threads, |mut part| {
+                let mut own = super::tune::Rewrites::default();
+                part.declutter()?;
+                super::tune::rewrite_decluttered(&mut part, &mut own)?;
+                part.optimize()?;
+                super::tune::rewrite_optimized(&mut part, &mut own, executor.clone())?;
+                done.lock()
+                    .map_err(|_| TractError::msg("a piece's rewrite panicked"))?
+                    .add(&own);
+                part.into_runnable_with_options(&options)
+            })
+            .map_err(&err)?;
+            rewrites = done.into_inner().map_err(|_| SpeechError::ModelInvalid {
+                file: path.to_path_buf(),
+                why: "a piece's rewrite panicked".into(),
+            })?;
+            pieces
+        }
+    };
+    stages.mark("optimise");
+    let kernels = super::tune::kernel_summary(pieces.models());
+    let build = EncoderBuild {
+        rewrites,
+        kernels,
+        pieces: pieces.len(),
+        stages: stages.done,
+    };
+    let encoder = Encoder {
+        pieces: Arc::new(pieces),
+        signal_first: signal < length,
+    };
+    Ok((encoder, build))
 }
 
 /// How the encoder plan was built, for the startup log.
@@ -313,6 +368,35 @@ pub(crate) struct EncoderBuild {
     pub rewrites: super::tune::Rewrites,
     /// Matmul kernels tract picked, with counts.
     pub kernels: String,
+    /// Pieces the encoder was cut into (see [`super::pieces`]).
+    pub pieces: usize,
+    /// Load stages and their wall time: "read 250 ms, typed 110 ms, ...".
+    pub stages: String,
+}
+
+/// Wall time of each load stage, for the startup log.
+struct Stages {
+    last: std::time::Instant,
+    done: String,
+}
+
+impl Stages {
+    fn new() -> Stages {
+        Stages {
+            last: std::time::Instant::now(),
+            done: String::new(),
+        }
+    }
+
+    fn mark(&mut self, stage: &str) {
+        let now = std::time::Instant::now();
+        if !self.done.is_empty() {
+            self.done.push_str(", ");
+        }
+        let ms = now.duration_since(self.last).as_millis();
+        self.done.push_str(&format!("{stage} {ms} ms"));
+        self.last = now;
+    }
 }
 
 /// Loads a graph whose inputs are fully declared in the file (decoder, joint, VAD).

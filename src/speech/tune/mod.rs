@@ -57,33 +57,47 @@ pub struct Rewrites {
     pub depthwise: usize,
 }
 
+impl Rewrites {
+    /// Adds the counts of `other` (the same rewrites on another piece).
+    pub fn add(&mut self, other: &Rewrites) {
+        self.weights_from_file += other.weights_from_file;
+        self.zero_points += other.zero_points;
+        self.folded += other.folded;
+        self.quantizers += other.quantizers;
+        self.retargeted += other.retargeted;
+        self.serialized += other.serialized;
+        self.broadcasts += other.broadcasts;
+        self.depthwise += other.depthwise;
+    }
+}
+
 /// Applies the rewrites of a decluttered encoder graph (before tract's
 /// optimiser, which would lower what they replace) and records them in `done`.
 pub fn rewrite_decluttered(model: &mut TypedModel, done: &mut Rewrites) -> TractResult<()> {
-    done.depthwise = depthwise::replace_depthwise_convs(model)?;
+    done.depthwise += depthwise::replace_depthwise_convs(model)?;
     if done.depthwise > 0 {
         *model = std::mem::take(model).into_compact()?;
     }
     Ok(())
 }
 
-/// Applies the rewrites of an optimised encoder graph, in order, compacts it
-/// once, and records them in `done` (which carries what the earlier stages did).
+/// Applies the rewrites of an optimised encoder graph (or piece of one), in
+/// order, compacts it once, and adds them to the counts in `done`.
 /// Repacking the re-targeted weights runs on `executor` when given.
 pub fn rewrite_optimized(
     model: &mut TypedModel,
     done: &mut Rewrites,
     executor: Option<tract_linalg::multithread::Executor>,
 ) -> TractResult<()> {
-    done.folded = fold_constant_chains(model)?;
-    done.quantizers = replace_dynamic_quantize(model)?;
+    done.folded += fold_constant_chains(model)?;
+    done.quantizers += replace_dynamic_quantize(model)?;
     let mut retarget = || retarget_weight_matmuls(model, KERNEL_N_HINT);
-    done.retargeted = match executor {
+    done.retargeted += match executor {
         Some(pool) => tract_linalg::multithread::multithread_tract_scope(pool, retarget)?,
         None => retarget()?,
     };
-    done.serialized = serialize_row_loops(model);
-    done.broadcasts = broadcast::replace_broadcast_binops(model)?;
+    done.serialized += serialize_row_loops(model);
+    done.broadcasts += broadcast::replace_broadcast_binops(model)?;
     *model = std::mem::take(model).into_compact()?;
     Ok(())
 }
@@ -748,9 +762,9 @@ impl TypedOp for Serial {
 
 /// The matmul kernels a plan uses, with how many products use each
 /// (`avx512_mmm_f32_64x3 x226`), for the startup log.
-pub fn kernel_summary(model: &TypedModel) -> String {
+pub fn kernel_summary<'a>(models: impl IntoIterator<Item = &'a TypedModel>) -> String {
     let mut kernels: BTreeMap<String, usize> = BTreeMap::new();
-    for node in &model.nodes {
+    for node in models.into_iter().flat_map(|m| &m.nodes) {
         let op = node.op_as::<OptMatMul>().or_else(|| {
             node.op_as::<Serial>()
                 .and_then(|s| s.0.as_op().downcast_ref::<OptMatMul>())
@@ -863,10 +877,10 @@ mod tests {
             .join(dir)
             .join(file);
         let names = ("audio_signal", "length");
-        let (plain, _) = crate::speech::model::load_encoder_tuned(&path, names, None, false)
-            .expect("plain encoder");
-        let (tuned, build) = crate::speech::model::load_encoder_tuned(&path, names, None, true)
-            .expect("tuned encoder");
+        use crate::speech::model::{Build, load_encoder_as};
+        let (plain, _) = load_encoder_as(&path, names, None, Build::Plain).expect("plain encoder");
+        let (tuned, build) =
+            load_encoder_as(&path, names, None, Build::Tuned).expect("tuned encoder");
         let frames = 373;
         let mut rnd = uniform(11);
         let data: Vec<f32> = (0..64 * frames).map(|_| rnd() * 3.0 - 1.0).collect();
@@ -875,8 +889,16 @@ mod tests {
             let length = Tensor::from_shape(&[1], &[frames as i64]).expect("length");
             tvec![signal.into_tvalue(), length.into_tvalue()]
         };
-        let a = plain.run(inputs()).expect("plain run");
-        let b = tuned.run(inputs()).expect("tuned run");
+        let a = plain
+            .pieces
+            .spawn()
+            .and_then(|mut s| s.run(inputs(), |state, i| state.run(i)))
+            .expect("plain run");
+        let b = tuned
+            .pieces
+            .spawn()
+            .and_then(|mut s| s.run(inputs(), run_clean))
+            .expect("tuned run");
         let bits = |t: &TValue| -> Vec<u32> {
             let view = t.try_as_plain_ram().expect("plain");
             view.as_slice::<f32>()
@@ -893,6 +915,7 @@ mod tests {
             build.rewrites.weights_from_file > 0,
             "{file}: no weight left in the file"
         );
+        assert!(build.pieces > 1, "{file}: the graph was not cut");
         build.rewrites
     }
 

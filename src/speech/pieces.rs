@@ -1,0 +1,542 @@
+//! A graph cut into pieces that are optimised one by one and run in order.
+//!
+//! tract's declutter and optimiser cost more than linear time in the size of
+//! the graph: every patch they apply scans the whole graph (docs/perf.md,
+//! upstream report 7), so decluttering and optimising GigaAM's int8 encoder in
+//! one piece took 2.2 s. Cut before each of its 16 layers, the same work takes
+//! a fraction of that, the pieces are optimised on several threads at once, and
+//! each piece drops its unoptimised weights as soon as it is done.
+//!
+//! Cuts go only between layers (see [`layer_starts`]). Constants are copied
+//! into every piece that reads them, never passed between pieces, so each piece
+//! still sees its weights as constants. The pieces compute exactly what the
+//! whole graph computes: the tests compare them bit for bit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::konst::Const;
+
+/// A cut graph: runnable pieces and how values flow between them.
+#[derive(Debug)]
+pub struct Pieces {
+    pieces: Vec<Piece>,
+    /// Slots of the graph's outputs.
+    outputs: Vec<usize>,
+    /// Slots in all; the graph's inputs are the first ones.
+    slots: usize,
+    /// For each graph input, its symbolic axes: (axis, symbol).
+    input_symbols: Vec<Vec<(usize, Symbol)>>,
+}
+
+#[derive(Debug)]
+struct Piece {
+    plan: Arc<TypedRunnableModel>,
+    /// Slots the piece's inputs are read from, in the order of its inputs.
+    inputs: Vec<usize>,
+    /// Slots its outputs are written to.
+    outputs: Vec<usize>,
+    /// Slots whose last reader is this piece (freed after it runs).
+    frees: Vec<usize>,
+}
+
+/// A graph cut into parts, before each part is optimised.
+struct Cut {
+    parts: Vec<TypedModel>,
+    inputs: Vec<Vec<usize>>,
+    outputs: Vec<Vec<usize>>,
+    graph_outputs: Vec<usize>,
+    slots: usize,
+}
+
+impl Pieces {
+    /// Cuts `model` (typed, not yet decluttered) before each of its layers
+    /// and makes each piece runnable with `finish` (declutter, optimise,
+    /// rewrite, plan), on up to `threads` threads at once. `model` is consumed
+    /// so that its weights are held only by the pieces that use them. A graph
+    /// with no `/layers.N/` names stays whole.
+    pub fn build(
+        model: TypedModel,
+        threads: usize,
+        finish: impl Fn(TypedModel) -> TractResult<Arc<TypedRunnableModel>> + Sync,
+    ) -> TractResult<Pieces> {
+        let input_symbols = symbolic_axes(&model)?;
+        let cut = cut(&model)?;
+        drop(model);
+        let Cut {
+            parts,
+            inputs,
+            outputs,
+            graph_outputs,
+            slots,
+        } = cut;
+        let plans = finish_all(parts, threads, &finish)?;
+        let mut last_reader = vec![usize::MAX; slots];
+        for (ix, reads) in inputs.iter().enumerate() {
+            for &s in reads {
+                last_reader[s] = ix;
+            }
+        }
+        for &s in &graph_outputs {
+            last_reader[s] = usize::MAX;
+        }
+        let pieces = plans
+            .into_iter()
+            .zip(inputs.into_iter().zip(outputs))
+            .enumerate()
+            .map(|(ix, (plan, (inputs, outputs)))| Piece {
+                plan,
+                inputs,
+                outputs,
+                frees: (0..slots).filter(|&s| last_reader[s] == ix).collect(),
+            })
+            .collect();
+        Ok(Pieces {
+            pieces,
+            outputs: graph_outputs,
+            slots,
+            input_symbols,
+        })
+    }
+
+    /// A plan run whole, as one piece.
+    pub fn whole(plan: Arc<TypedRunnableModel>) -> TractResult<Pieces> {
+        let model = plan.model();
+        let input_symbols = symbolic_axes(model)?;
+        let inputs = model.input_outlets()?.len();
+        let outputs = model.output_outlets()?.len();
+        Ok(Pieces {
+            pieces: vec![Piece {
+                plan,
+                inputs: (0..inputs).collect(),
+                outputs: (inputs..inputs + outputs).collect(),
+                frees: (0..inputs).collect(),
+            }],
+            outputs: (inputs..inputs + outputs).collect(),
+            slots: inputs + outputs,
+            input_symbols,
+        })
+    }
+
+    /// How many pieces the graph was cut into.
+    pub fn len(&self) -> usize {
+        self.pieces.len()
+    }
+
+    /// Never true: a graph has at least one piece.
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
+    /// The optimised pieces, in run order.
+    pub fn models(&self) -> impl Iterator<Item = &TypedModel> {
+        self.pieces.iter().map(|p| p.plan.model())
+    }
+
+    /// A run state (one per worker).
+    pub fn spawn(self: &Arc<Self>) -> TractResult<PiecesState> {
+        Ok(PiecesState {
+            states: self
+                .pieces
+                .iter()
+                .map(|p| p.plan.spawn())
+                .collect::<TractResult<_>>()?,
+            values: vec![None; self.slots],
+            pieces: Arc::clone(self),
+        })
+    }
+}
+
+/// For each input of `model`, the axes whose size is a bare symbol.
+fn symbolic_axes(model: &TypedModel) -> TractResult<Vec<Vec<(usize, Symbol)>>> {
+    model
+        .input_outlets()?
+        .iter()
+        .map(|o| {
+            let fact = model.outlet_fact(*o)?;
+            Ok(fact
+                .shape
+                .iter()
+                .enumerate()
+                .filter_map(|(axis, d)| match d {
+                    TDim::Sym(s) => Some((axis, s.clone())),
+                    _ => None,
+                })
+                .collect())
+        })
+        .collect()
+}
+
+/// Cuts `model` into parts, each a graph of its own whose inputs are the
+/// values earlier parts (or the graph's inputs) computed.
+fn cut(model: &TypedModel) -> TractResult<Cut> {
+    let order = model.eval_order()?;
+    let graph_inputs = model.input_outlets()?.to_vec();
+    let work: Vec<usize> = order
+        .iter()
+        .copied()
+        .filter(|&n| !model.node(n).op_is::<Const>() && !graph_inputs.iter().any(|o| o.node == n))
+        .collect();
+    let mut position = vec![usize::MAX; model.nodes.len()];
+    for (ix, &n) in work.iter().enumerate() {
+        position[n] = ix;
+    }
+    let outputs = model.output_outlets()?;
+    // Where each value computed by a work node is last read (work.len() when
+    // it is a graph output).
+    let last_read = |o: OutletId| -> usize {
+        if outputs.contains(&o) {
+            return work.len();
+        }
+        model
+            .outlet_successors(o)
+            .iter()
+            .map(|i| position[i.node])
+            .filter(|&p| p != usize::MAX)
+            .max()
+            .unwrap_or(position[o.node])
+    };
+    let mut bounds = vec![0];
+    bounds.extend(layer_starts(model, &work));
+    bounds.push(work.len());
+
+    // Slots: the graph's inputs first, then each part's outputs as cut.
+    let mut slot_of: HashMap<OutletId, usize> = graph_inputs
+        .iter()
+        .enumerate()
+        .map(|(ix, o)| (*o, ix))
+        .collect();
+    let mut slots = graph_inputs.len();
+    let mut cut = Cut {
+        parts: vec![],
+        inputs: vec![],
+        outputs: vec![],
+        graph_outputs: vec![],
+        slots: 0,
+    };
+    for range in bounds.windows(2) {
+        let (start, end) = (range[0], range[1]);
+        let mut part = TypedModel {
+            symbols: model.symbols.clone(),
+            ..TypedModel::default()
+        };
+        let mut map: HashMap<OutletId, OutletId> = HashMap::new();
+        let mut reads = vec![];
+        for &n in &work[start..end] {
+            let node = model.node(n);
+            let mut wires = tvec![];
+            for &input in &node.inputs {
+                if let Some(w) = map.get(&input) {
+                    wires.push(*w);
+                    continue;
+                }
+                let producer = model.node(input.node);
+                let wire = if producer.op_is::<Const>() {
+                    let facts = producer.outputs.iter().map(|o| o.fact.clone()).collect();
+                    let id = part.add_node(producer.name.clone(), producer.op.clone(), facts)?;
+                    OutletId::new(id, input.slot)
+                } else {
+                    let slot = *slot_of
+                        .get(&input)
+                        .with_context(|| format!("no slot for {input:?} of {}", producer.name))?;
+                    reads.push(slot);
+                    let fact = model.outlet_fact(input)?.clone();
+                    part.add_source(format!("{}#{}", producer.name, input.slot), fact)?
+                };
+                map.insert(input, wire);
+                wires.push(wire);
+            }
+            let facts = node.outputs.iter().map(|o| o.fact.clone()).collect();
+            let id = part.add_node(node.name.clone(), node.op.clone(), facts)?;
+            for (ix, w) in wires.into_iter().enumerate() {
+                part.add_edge(w, InletId::new(id, ix))?;
+            }
+            for slot in 0..node.outputs.len() {
+                map.insert(OutletId::new(n, slot), OutletId::new(id, slot));
+            }
+        }
+        let mut writes = vec![];
+        let mut part_outputs = vec![];
+        for &n in &work[start..end] {
+            for slot in 0..model.node(n).outputs.len() {
+                let o = OutletId::new(n, slot);
+                if last_read(o) >= end {
+                    slot_of.insert(o, slots);
+                    writes.push(slots);
+                    slots += 1;
+                    part_outputs.push(map[&o]);
+                }
+            }
+        }
+        part.select_output_outlets(&part_outputs)?;
+        cut.parts.push(part);
+        cut.inputs.push(reads);
+        cut.outputs.push(writes);
+    }
+    cut.graph_outputs = outputs
+        .iter()
+        .map(|o| {
+            slot_of
+                .get(o)
+                .copied()
+                .with_context(|| format!("graph output {o:?} is computed by no piece"))
+        })
+        .collect::<TractResult<_>>()?;
+    cut.slots = slots;
+    Ok(cut)
+}
+
+/// Positions in `work` where a layer starts: the node is the first of
+/// `/layers.N/` and every node before it belongs to an earlier layer (or to
+/// none), every node after it to this layer or a later one (or to none).
+///
+/// Cuts go only there. Inside a layer, tract's optimiser fuses patterns (a
+/// scaled matmul, a normalisation) whose halves compute other bits when split;
+/// the layers of an encoder only pass the residual stream and a few shared
+/// tensors (mask, positions) to each other.
+fn layer_starts(model: &TypedModel, work: &[usize]) -> Vec<usize> {
+    let layer = |n: usize| -> Option<usize> {
+        let name = &model.node(n).name;
+        let rest = &name[name.find("/layers.")? + "/layers.".len()..];
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        (digits > 0 && rest[digits..].starts_with('/'))
+            .then(|| rest[..digits].parse().ok())
+            .flatten()
+    };
+    let layers: Vec<Option<usize>> = work.iter().map(|&n| layer(n)).collect();
+    // latest[p]: the highest layer among work[..p]; earliest[p]: the lowest
+    // among work[p..].
+    let mut latest = vec![None; work.len() + 1];
+    for (p, l) in layers.iter().enumerate() {
+        latest[p + 1] = latest[p].max(*l);
+    }
+    let mut earliest = vec![None; work.len() + 1];
+    for p in (0..work.len()).rev() {
+        earliest[p] = match (earliest[p + 1], layers[p]) {
+            (Some(a), Some(b)) => Some(usize::min(a, b)),
+            (a, b) => a.or(b),
+        };
+    }
+    (1..work.len())
+        .filter(|&p| {
+            layers[p].is_some_and(|l| {
+                latest[p].is_none_or(|before| before < l) && earliest[p] == Some(l)
+            })
+        })
+        .collect()
+}
+
+/// Runs `finish` on every part, on up to `threads` threads, in part order.
+fn finish_all(
+    parts: Vec<TypedModel>,
+    threads: usize,
+    finish: &(impl Fn(TypedModel) -> TractResult<Arc<TypedRunnableModel>> + Sync),
+) -> TractResult<Vec<Arc<TypedRunnableModel>>> {
+    let count = parts.len();
+    let queue: Vec<std::sync::Mutex<Option<TypedModel>>> = parts
+        .into_iter()
+        .map(|p| std::sync::Mutex::new(Some(p)))
+        .collect();
+    let next = AtomicUsize::new(0);
+    let work = || -> TractResult<Vec<(usize, Arc<TypedRunnableModel>)>> {
+        let mut done = vec![];
+        loop {
+            let ix = next.fetch_add(1, Ordering::Relaxed);
+            let Some(slot) = queue.get(ix) else {
+                return Ok(done);
+            };
+            let part = slot
+                .lock()
+                .map_err(|_| anyhow!("a piece's optimiser panicked"))?
+                .take()
+                .context("piece taken twice")?;
+            done.push((ix, finish(part).with_context(|| format!("piece {ix}"))?));
+        }
+    };
+    let mut plans: Vec<Option<Arc<TypedRunnableModel>>> = vec![None; count];
+    let results = std::thread::scope(|scope| {
+        let helpers: Vec<_> = (1..threads.clamp(1, count.max(1)))
+            .map(|_| scope.spawn(work))
+            .collect();
+        let mut results = vec![work()];
+        for h in helpers {
+            results.push(
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("a piece's optimiser panicked"))),
+            );
+        }
+        results
+    });
+    for result in results {
+        for (ix, plan) in result? {
+            plans[ix] = Some(plan);
+        }
+    }
+    plans
+        .into_iter()
+        .enumerate()
+        .map(|(ix, p)| p.with_context(|| format!("piece {ix} was not built")))
+        .collect()
+}
+
+/// One worker's run states over [`Pieces`].
+#[derive(Debug)]
+pub struct PiecesState {
+    pieces: Arc<Pieces>,
+    states: Vec<TypedSimpleState>,
+    values: Vec<Option<TValue>>,
+}
+
+impl PiecesState {
+    /// Runs every piece in order on `inputs`, each through `run` (which runs
+    /// one plan's state, as `TypedSimpleState::run` does); returns the graph's
+    /// outputs.
+    pub fn run(
+        &mut self,
+        inputs: TVec<TValue>,
+        run: impl Fn(&mut TypedSimpleState, TVec<TValue>) -> TractResult<TVec<TValue>>,
+    ) -> TractResult<TVec<TValue>> {
+        let pieces = &*self.pieces;
+        ensure!(
+            inputs.len() == pieces.input_symbols.len(),
+            "{} inputs given, the graph takes {}",
+            inputs.len(),
+            pieces.input_symbols.len()
+        );
+        // Later pieces see the time axis only as expressions of it (after
+        // subsampling), which tract cannot always solve: resolve it here.
+        let mut symbols = vec![];
+        for (value, axes) in inputs.iter().zip(&pieces.input_symbols) {
+            for (axis, sym) in axes {
+                let size = value.shape().get(*axis).with_context(|| {
+                    format!("input of rank {} has no axis {axis}", value.rank())
+                })?;
+                symbols.push((sym.clone(), *size as i64));
+            }
+        }
+        self.values.iter_mut().for_each(|v| *v = None);
+        for (slot, value) in inputs.into_iter().enumerate() {
+            self.values[slot] = Some(value);
+        }
+        for (piece, state) in pieces.pieces.iter().zip(&mut self.states) {
+            let inputs = piece
+                .inputs
+                .iter()
+                .map(|&s| {
+                    self.values[s]
+                        .clone()
+                        .context("value read before it was computed")
+                })
+                .collect::<TractResult<TVec<_>>>()?;
+            for (sym, value) in &symbols {
+                state.turn_state.resolved_symbols.set(sym, *value);
+            }
+            let outputs = run(state, inputs)?;
+            ensure!(
+                outputs.len() == piece.outputs.len(),
+                "a piece returned {} values, {} expected",
+                outputs.len(),
+                piece.outputs.len()
+            );
+            for (&slot, value) in piece.outputs.iter().zip(outputs) {
+                self.values[slot] = Some(value);
+            }
+            for &slot in &piece.frees {
+                self.values[slot] = None;
+            }
+        }
+        pieces
+            .outputs
+            .iter()
+            .map(|&s| self.values[s].take().context("graph output not computed"))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::tract_core::ops::math::{add, mul};
+
+    /// `x * 2` before the layers, two layers that read values from further
+    /// back than the piece before them, and an output from the middle.
+    fn layered(names: [&str; 4]) -> TypedModel {
+        let mut model = TypedModel::default();
+        let t = model.symbols.sym("T");
+        let x = model.add_source("x", f32::fact([t.to_dim()])).expect("x");
+        let two = model.add_const("two", tensor1(&[2f32])).expect("two");
+        let pre = model.wire_node(names[0], mul(), &[x, two]).expect("pre")[0];
+        let first = model.wire_node(names[1], add(), &[pre, x]).expect("first")[0];
+        let second = model
+            .wire_node(names[2], mul(), &[first, pre])
+            .expect("second")[0];
+        let last = model
+            .wire_node(names[3], add(), &[second, two])
+            .expect("last")[0];
+        model
+            .select_output_outlets(&[last, first])
+            .expect("outputs");
+        model
+    }
+
+    fn run_both(model: TypedModel) -> (usize, TVec<TValue>, TVec<TValue>) {
+        let whole = model
+            .clone()
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .expect("whole plan");
+        let pieces = Pieces::build(model, 2, |m| m.into_optimized()?.into_runnable())
+            .map(Arc::new)
+            .expect("pieces");
+        let input = || tvec![tensor1(&[1f32, -2.0, 3.5, 0.25, 8.0]).into_tvalue()];
+        let expected = whole.run(input()).expect("whole run");
+        let mut state = pieces.spawn().expect("state");
+        let got = state.run(input(), |s, i| s.run(i)).expect("pieces run");
+        // Twice: the state is reused by the next request.
+        let again = state.run(input(), |s, i| s.run(i)).expect("second run");
+        assert_eq!(got, again);
+        (pieces.len(), expected, got)
+    }
+
+    #[test]
+    fn a_layered_graph_is_cut_before_each_layer_and_computes_the_same() {
+        let (len, expected, got) = run_both(layered([
+            "/pre/Mul",
+            "/layers.0/Add",
+            "/layers.1/Mul",
+            "/layers.1/out/Add",
+        ]));
+        assert_eq!(len, 3);
+        assert_eq!(expected, got);
+    }
+
+    #[test]
+    fn a_graph_without_layers_stays_whole() {
+        let (len, expected, got) = run_both(layered(["a", "b", "c", "d"]));
+        assert_eq!(len, 1);
+        assert_eq!(expected, got);
+    }
+
+    #[test]
+    fn no_cut_where_a_layer_is_not_over() {
+        // layers.0 goes on after layers.1 starts: only layers.0 may start a piece.
+        let (len, expected, got) = run_both(layered([
+            "/pre/Mul",
+            "/layers.0/Add",
+            "/layers.1/Mul",
+            "/layers.0/late/Add",
+        ]));
+        assert_eq!(len, 2);
+        assert_eq!(expected, got);
+        let model = layered(["/layers.10/a", "/layers.1x/b", "/layers./c", "/layers.2"]);
+        let order = model.eval_order().expect("order");
+        let work: Vec<usize> = order
+            .into_iter()
+            .filter(|&n| !model.node(n).op_is::<Const>() && model.node(n).name != "x")
+            .collect();
+        assert!(layer_starts(&model, &work).is_empty());
+    }
+}
