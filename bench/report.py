@@ -102,6 +102,14 @@ def report(runs, runs_dir):
                 o, r = runs.get(("ours", p, t)), runs.get(("ort", p, t))
                 parts.append(f"{p} t{t} ours {fmt(o and o[field], '.0f')} / ort {fmt(r and r[field], '.0f')}")
         w(f"- {label}: " + "; ".join(parts))
+    again = []
+    for p in precisions:
+        for t in threads:
+            o = runs.get(("ours", p, t))
+            if o and "load_again_ms" in o:
+                again.append(f"{p} t{t} {fmt(o['load_again_ms'], '.0f')}")
+    if again:
+        w("- Load again in the same process, memory already faulted in (ms): " + "; ".join(again))
     for p in precisions:
         for t in threads:
             o = runs.get(("ours", p, t))
