@@ -527,6 +527,45 @@ mod tests {
     }
 
     #[test]
+    fn a_value_known_at_load_crosses_as_a_constant() {
+        // `known` is no `Const` node, but its value is known at load (as tract
+        // leaves shape arithmetic before declutter); layers.1 reads it.
+        let mut model = TypedModel::default();
+        let t = model.symbols.sym("T");
+        let x = model.add_source("x", f32::fact([t.to_dim()])).expect("x");
+        let three = model.add_const("three", tensor1(&[3f32])).expect("three");
+        let fact = model.outlet_fact(three).expect("fact").clone();
+        let id = model
+            .add_node(
+                "/pre/known",
+                tract_onnx::tract_core::ops::identity::Identity,
+                tvec![fact],
+            )
+            .expect("known");
+        model.add_edge(three, InletId::new(id, 0)).expect("edge");
+        let known = OutletId::new(id, 0);
+        let pre = model
+            .wire_node("/pre/Mul", mul(), &[x, known])
+            .expect("pre")[0];
+        let first = model
+            .wire_node("/layers.0/Add", add(), &[pre, x])
+            .expect("first")[0];
+        let last = model
+            .wire_node("/layers.1/Mul", mul(), &[first, known])
+            .expect("last");
+        model.select_output_outlets(&last).expect("outputs");
+        let pieces = Pieces::build(model.clone(), 1, |m| m.into_optimized()?.into_runnable())
+            .expect("pieces");
+        assert_eq!(pieces.len(), 3);
+        assert_eq!(
+            pieces.pieces[2].inputs.len(),
+            1,
+            "only layers.0's sum is passed"
+        );
+        assert_eq!(pieces_of(model), 3);
+    }
+
+    #[test]
     fn a_graph_without_layers_stays_whole() {
         assert_eq!(pieces_of(layered(["a", "b", "c", "d"])), 1);
     }
