@@ -2,8 +2,9 @@
 //!
 //! Each graph goes load -> input facts -> `into_optimized` -> runnable plan, and
 //! the plan is shared in an `Arc`: N workers hold one copy of the weights. The
-//! encoder gets a symbolic time axis `T` (so one plan serves every length) and its
-//! declared output facts are ignored (the export names them wrongly).
+//! encoder gets a symbolic time axis `T` (so one plan serves every length), its
+//! declared output facts are ignored (the export names them wrongly), and it is
+//! optimised layer by layer ([`super::pieces`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
