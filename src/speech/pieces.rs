@@ -7,7 +7,7 @@
 //! a fraction of that, the pieces are optimised on several threads at once, and
 //! each piece drops its unoptimised weights as soon as it is done.
 //!
-//! Cuts go only between layers (see [`layer_starts`]). Constants are copied
+//! Cuts go only between layers (see `layer_starts`). Constants are copied
 //! into every piece that reads them, never passed between pieces, so each piece
 //! still sees its weights as constants. The pieces compute exactly what the
 //! whole graph computes: the tests compare them bit for bit.
