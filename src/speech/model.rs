@@ -314,19 +314,20 @@ pub(crate) fn load_encoder_as(
         executor: executor.clone(),
         ..Default::default()
     };
-    let mut model = model.into_typed().map_err(&err)?;
+    let model = model.into_typed().map_err(&err)?;
     stages.mark("typed");
     let pieces = match build {
-        Build::Plain => {
-            model.declutter().map_err(&err)?;
-            model.optimize().map_err(&err)?;
-            let plan = model.into_runnable_with_options(&options).map_err(&err)?;
-            super::pieces::Pieces::whole(plan).map_err(&err)?
-        }
+        Build::Plain => model
+            .into_optimized()
+            .and_then(|m| m.into_runnable_with_options(&options))
+            .and_then(super::pieces::Pieces::whole)
+            .map_err(&err)?,
         Build::Tuned => {
             // Declutter, rewrite and optimise layer by layer, on every core:
             // tract's passes slow down with the size of the graph
             // (docs/perf.md, "Load time and memory").
+            // A piece that panics fails the build (`Pieces::build`), so a
+            // poisoned lock holds nothing anyone reads.
             let done = std::sync::Mutex::new(rewrites);
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
             let pieces = super::pieces::Pieces::build(model, threads, |mut part| {
@@ -336,15 +337,14 @@ pub(crate) fn load_encoder_as(
                 part.optimize()?;
                 super::tune::rewrite_optimized(&mut part, &mut own, executor.clone())?;
                 done.lock()
-                    .map_err(|_| TractError::msg("a piece's rewrite panicked"))?
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .add(&own);
                 part.into_runnable_with_options(&options)
             })
             .map_err(&err)?;
-            rewrites = done.into_inner().map_err(|_| SpeechError::ModelInvalid {
-                file: path.to_path_buf(),
-                why: "a piece's rewrite panicked".into(),
-            })?;
+            rewrites = done
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             pieces
         }
     };

@@ -13,8 +13,7 @@
 //! whole graph computes: the tests compare them bit for bit.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -45,11 +44,16 @@ struct Piece {
 
 /// A graph cut into parts, before each part is optimised.
 struct Cut {
-    parts: Vec<TypedModel>,
-    inputs: Vec<Vec<usize>>,
-    outputs: Vec<Vec<usize>>,
+    parts: Vec<Part>,
     graph_outputs: Vec<usize>,
     slots: usize,
+}
+
+/// One part of a [`Cut`]: its graph and the slots it reads and writes.
+struct Part {
+    model: TypedModel,
+    inputs: Vec<usize>,
+    outputs: Vec<usize>,
 }
 
 impl Pieces {
@@ -64,34 +68,37 @@ impl Pieces {
         finish: impl Fn(TypedModel) -> TractResult<Arc<TypedRunnableModel>> + Sync,
     ) -> TractResult<Pieces> {
         let input_symbols = symbolic_axes(&model)?;
-        let cut = cut(&model)?;
-        drop(model);
         let Cut {
             parts,
-            inputs,
-            outputs,
             graph_outputs,
             slots,
-        } = cut;
-        let plans = finish_all(parts, threads, &finish)?;
-        let mut last_reader = vec![usize::MAX; slots];
-        for (ix, reads) in inputs.iter().enumerate() {
-            for &s in reads {
-                last_reader[s] = ix;
+        } = cut(&model)?;
+        drop(model);
+        // The last piece that touches each slot frees it (a value no later
+        // piece reads, right after it is written); the graph's outputs stay.
+        let mut last_use = vec![usize::MAX; slots];
+        for (ix, part) in parts.iter().enumerate() {
+            for &s in part.outputs.iter().chain(&part.inputs) {
+                last_use[s] = ix;
             }
         }
         for &s in &graph_outputs {
-            last_reader[s] = usize::MAX;
+            last_use[s] = usize::MAX;
         }
+        let (models, slots_of): (Vec<_>, Vec<_>) = parts
+            .into_iter()
+            .map(|p| (p.model, (p.inputs, p.outputs)))
+            .unzip();
+        let plans = finish_all(models, threads, &finish)?;
         let pieces = plans
             .into_iter()
-            .zip(inputs.into_iter().zip(outputs))
+            .zip(slots_of)
             .enumerate()
             .map(|(ix, (plan, (inputs, outputs)))| Piece {
                 plan,
                 inputs,
                 outputs,
-                frees: (0..slots).filter(|&s| last_reader[s] == ix).collect(),
+                frees: (0..slots).filter(|&s| last_use[s] == ix).collect(),
             })
             .collect();
         Ok(Pieces {
@@ -210,13 +217,7 @@ fn cut(model: &TypedModel) -> TractResult<Cut> {
         .map(|(ix, o)| (*o, ix))
         .collect();
     let mut slots = graph_inputs.len();
-    let mut cut = Cut {
-        parts: vec![],
-        inputs: vec![],
-        outputs: vec![],
-        graph_outputs: vec![],
-        slots: 0,
-    };
+    let mut parts = vec![];
     for range in bounds.windows(2) {
         let (start, end) = (range[0], range[1]);
         let mut part = TypedModel {
@@ -283,11 +284,13 @@ fn cut(model: &TypedModel) -> TractResult<Cut> {
             }
         }
         part.select_output_outlets(&part_outputs)?;
-        cut.parts.push(part);
-        cut.inputs.push(reads);
-        cut.outputs.push(writes);
+        parts.push(Part {
+            model: part,
+            inputs: reads,
+            outputs: writes,
+        });
     }
-    cut.graph_outputs = outputs
+    let graph_outputs = outputs
         .iter()
         .map(|o| {
             slot_of
@@ -296,8 +299,11 @@ fn cut(model: &TypedModel) -> TractResult<Cut> {
                 .with_context(|| format!("graph output {o:?} is computed by no piece"))
         })
         .collect::<TractResult<_>>()?;
-    cut.slots = slots;
-    Ok(cut)
+    Ok(Cut {
+        parts,
+        graph_outputs,
+        slots,
+    })
 }
 
 /// Positions in `work` where a layer starts: the node is the first of
@@ -340,34 +346,25 @@ fn layer_starts(model: &TypedModel, work: &[usize]) -> Vec<usize> {
         .collect()
 }
 
-/// Runs `finish` on every part, on up to `threads` threads, in part order.
+/// Runs `finish` on every part, on up to `threads` threads; the plans come
+/// back in part order.
 fn finish_all(
     parts: Vec<TypedModel>,
     threads: usize,
     finish: &(impl Fn(TypedModel) -> TractResult<Arc<TypedRunnableModel>> + Sync),
 ) -> TractResult<Vec<Arc<TypedRunnableModel>>> {
     let count = parts.len();
-    let queue: Vec<std::sync::Mutex<Option<TypedModel>>> = parts
-        .into_iter()
-        .map(|p| std::sync::Mutex::new(Some(p)))
-        .collect();
-    let next = AtomicUsize::new(0);
+    let queue = Mutex::new(parts.into_iter().enumerate());
     let work = || -> TractResult<Vec<(usize, Arc<TypedRunnableModel>)>> {
         let mut done = vec![];
         loop {
-            let ix = next.fetch_add(1, Ordering::Relaxed);
-            let Some(slot) = queue.get(ix) else {
+            let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
+            let Some((ix, part)) = next else {
                 return Ok(done);
             };
-            let part = slot
-                .lock()
-                .map_err(|_| anyhow!("a piece's optimiser panicked"))?
-                .take()
-                .context("piece taken twice")?;
             done.push((ix, finish(part).with_context(|| format!("piece {ix}"))?));
         }
     };
-    let mut plans: Vec<Option<Arc<TypedRunnableModel>>> = vec![None; count];
     let results = std::thread::scope(|scope| {
         let helpers: Vec<_> = (1..threads.clamp(1, count.max(1)))
             .map(|_| scope.spawn(work))
@@ -381,16 +378,12 @@ fn finish_all(
         }
         results
     });
+    let mut plans = vec![];
     for result in results {
-        for (ix, plan) in result? {
-            plans[ix] = Some(plan);
-        }
+        plans.extend(result?);
     }
-    plans
-        .into_iter()
-        .enumerate()
-        .map(|(ix, p)| p.with_context(|| format!("piece {ix} was not built")))
-        .collect()
+    plans.sort_by_key(|(ix, _)| *ix);
+    Ok(plans.into_iter().map(|(_, plan)| plan).collect())
 }
 
 /// One worker's run states over [`Pieces`].

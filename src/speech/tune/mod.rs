@@ -75,8 +75,9 @@ impl Rewrites {
 /// Applies the rewrites of a decluttered encoder graph (before tract's
 /// optimiser, which would lower what they replace) and records them in `done`.
 pub fn rewrite_decluttered(model: &mut TypedModel, done: &mut Rewrites) -> TractResult<()> {
-    done.depthwise += depthwise::replace_depthwise_convs(model)?;
-    if done.depthwise > 0 {
+    let replaced = depthwise::replace_depthwise_convs(model)?;
+    done.depthwise += replaced;
+    if replaced > 0 {
         *model = std::mem::take(model).into_compact()?;
     }
     Ok(())
@@ -272,13 +273,17 @@ fn integer_sum(node: &TypedNode, values: &[TValue]) -> Option<TractResult<TVec<T
         return None;
     }
     let sum = || -> TractResult<TVec<TValue>> {
-        let mut sums = value.to_plain_array_view::<i32>()?.to_owned();
+        let weights = value.to_plain_array_view::<i32>()?;
+        // The first axis is summed straight from the weights, without a copy.
+        let mut sums: Option<tract_ndarray::ArrayD<i32>> = None;
         for &axis in &reduce.axes {
-            ensure!(axis < sums.ndim(), "reduced axis {axis} out of rank");
+            let from = sums.as_ref().map_or(weights.view(), |s| s.view());
+            ensure!(axis < from.ndim(), "reduced axis {axis} out of rank");
             let axis = tract_ndarray::Axis(axis);
-            sums = sums.fold_axis(axis, 0i32, |acc, x| acc.wrapping_add(*x));
-            sums.insert_axis_inplace(axis);
+            let summed = from.fold_axis(axis, 0i32, |acc, x| acc.wrapping_add(*x));
+            sums = Some(summed.insert_axis(axis));
         }
+        let sums = sums.unwrap_or_else(|| weights.to_owned());
         Ok(tvec![sums.into_tensor().into_tvalue()])
     };
     Some(sum())
