@@ -603,13 +603,13 @@ fn retarget(
         return Ok(None);
     };
 
-    // Every check passed: the weights, unpacked row by row, then packed for
-    // the new kernel (the one costly step).
-    let mut plain = vec![0f32; m * k];
-    for (row, slice) in plain.chunks_exact_mut(k).enumerate() {
+    // Every check passed: the weights, unpacked row by row into one plain
+    // tensor, then packed for the new kernel (the one costly step).
+    let mut plain = Tensor::zero::<f32>(&[m, k])?;
+    let mut rows = plain.try_as_plain_ram_mut()?;
+    for (row, slice) in rows.as_slice_mut::<f32>()?.chunks_exact_mut(k).enumerate() {
         weights.extract_at_mn_f32(row, slice)?;
     }
-    let plain = Tensor::from_shape(&[m, k], &plain)?;
     let repacked = a_format.prepare_one(&plain, 1, 0)?;
 
     let (mr, nr) = (kernel.mr(), kernel.nr());
