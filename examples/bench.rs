@@ -125,6 +125,20 @@ fn proc_status_mib(field: &str) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// The larger of two readings, either of which may be missing.
+fn larger(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Resets the peak RSS (`VmHWM`) to the current RSS, so the next reading is
+/// the peak since now (Linux's `clear_refs` value 5). False where it cannot.
+fn reset_peak_rss() -> bool {
+    fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 fn write_f32(path: &Path, data: &[f32]) -> BenchResult<()> {
     let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
     fs::write(path, bytes)?;
@@ -158,6 +172,10 @@ fn bench_duration(
     args: &Args,
     label: &str,
 ) -> BenchResult<Value> {
+    // The memory this duration needs: the peak while it is transcribed,
+    // against the RSS it starts from (the load's peak would hide it).
+    let rss_before = proc_status_mib("VmRSS");
+    let peak_reset = reset_peak_rss();
     let pieces = rec.plan_pieces(samples)?;
     let mels: Vec<MelFrames> = pieces
         .iter()
@@ -168,6 +186,7 @@ fn bench_duration(
         words = rec.transcribe(samples, |_, _| {})?.words.len();
         Ok(())
     })?;
+    let peak_whole = peak_reset.then(|| proc_status_mib("VmHWM")).flatten();
     eprintln!("  {label} {secs} s whole pipeline: {whole_s:.3} s");
     let (encoder_s, encoder_runs) = time_median(args.reps, || {
         for mel in &mels {
@@ -179,6 +198,7 @@ fn bench_duration(
         "  {label} {secs} s encoder only ({} pieces): {encoder_s:.3} s",
         mels.len()
     );
+    let peak_end = peak_reset.then(|| proc_status_mib("VmHWM")).flatten();
     let mut piece_files = Vec::new();
     if let Some(dir) = &args.inputs_dir {
         for (i, mel) in mels.iter().enumerate() {
@@ -207,6 +227,9 @@ fn bench_duration(
         "encoder_median_s": encoder_s,
         "encoder_runs_s": encoder_runs,
         "rtf": whole_s / secs,
+        "rss_before_mib": rss_before,
+        "peak_rss_whole_mib": peak_whole,
+        "peak_rss_mib": peak_end,
         "words": words,
     }))
 }
@@ -256,18 +279,18 @@ fn main() -> BenchResult<()> {
 
     let mut rec = engine.recognizer()?;
     let mut durations = Vec::new();
+    // Each duration resets the peak, so the process's peak is the largest
+    // of the readings taken before each reset.
+    let mut peak_after_runs = proc_status_mib("VmHWM");
     for &secs in &args.durations_secs {
-        durations.push(bench_duration(
-            &mut rec,
-            prefix(secs)?,
-            secs,
-            &args,
-            &label,
-        )?);
+        let row = bench_duration(&mut rec, prefix(secs)?, secs, &args, &label)?;
+        let peak = row["peak_rss_mib"].as_f64();
+        peak_after_runs = larger(peak_after_runs, peak);
+        durations.push(row);
     }
+    let peak_after_runs = larger(peak_after_runs, proc_status_mib("VmHWM"));
     let encoder_path = engine.encoder_path().to_path_buf();
     let encoder_bytes = fs::metadata(&encoder_path).map(|m| m.len()).ok();
-    let peak_after_runs = proc_status_mib("VmHWM");
     let stages = info.encoder_stages.clone();
     // The same load once more in this process, whose memory is already
     // faulted in: on the VM we measure on, the first load after a quiet spell
