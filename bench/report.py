@@ -114,13 +114,13 @@ def report(runs, runs_dir):
         for t in threads:
             o = runs.get(("ours", p, t))
             peaks = {d["duration_secs"]: d for d in (o or {}).get("durations", [])
-                     if d.get("peak_rss_mib") is not None}
+                     if d.get("peak_rss_whole_mib") is not None}
             if peaks:
-                each = ", ".join(f"{s:g} s {fmt(d['rss_before_mib'], '.0f')} → {fmt(d['peak_rss_mib'], '.0f')}"
+                each = ", ".join(f"{s:g} s {fmt(d['rss_before_mib'], '.0f')} → {fmt(d['peak_rss_whole_mib'], '.0f')}"
                                  for s, d in sorted(peaks.items()))
                 line = f"- Peak RSS while transcribing (MiB, from the RSS before), {p} t{t}: {each}"
                 if 10 in peaks and 60 in peaks:
-                    grew = peaks[60]["peak_rss_mib"] - peaks[10]["peak_rss_mib"]
+                    grew = peaks[60]["peak_rss_whole_mib"] - peaks[10]["peak_rss_whole_mib"]
                     audio = 60 * 16000 * 4 / 1048576
                     line += f"; 60 s minus 10 s: {grew:+.1f} (goal: at most its f32 audio, {audio:.1f})"
                 w(line)
