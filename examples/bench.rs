@@ -291,7 +291,6 @@ fn main() -> BenchResult<()> {
     let peak_after_runs = larger(peak_after_runs, proc_status_mib("VmHWM"));
     let encoder_path = engine.encoder_path().to_path_buf();
     let encoder_bytes = fs::metadata(&encoder_path).map(|m| m.len()).ok();
-    let stages = info.encoder_stages.clone();
     // The same load once more in this process, whose memory is already
     // faulted in: on the VM we measure on, the first load after a quiet spell
     // pays ~2 s for fresh memory (bench/README.md).
@@ -313,7 +312,7 @@ fn main() -> BenchResult<()> {
         "encoder_file": encoder_path,
         "encoder_file_mib": encoder_bytes.map(|b| b as f64 / 1048576.0),
         "load_ms": load_ms,
-        "load_stages": stages,
+        "load_stages": info.encoder_stages,
         "load_again_ms": load_again_ms,
         "rss_after_load_mib": rss_after_load,
         "peak_rss_after_load_mib": peak_after_load,
