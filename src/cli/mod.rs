@@ -256,7 +256,8 @@ pub(crate) fn load_engine(
          {} weight matmuls moved to the long-input kernel, \
          {} row-loop matmuls kept on one thread, {} zero weight zero points dropped, \
          {} constant chains folded, {} quantizers vectorised, {} broadcasting element-wise ops \
-         run as rows, {} depthwise convolutions run directly",
+         run as rows, {} depthwise convolutions run directly, {} int8 activation packings \
+         run on the pool, {} int8 matmul sums scaled in one pass",
         info.encoder_pieces,
         info.encoder_kernels,
         r.weights_from_file,
@@ -266,7 +267,9 @@ pub(crate) fn load_engine(
         r.folded,
         r.quantizers,
         r.broadcasts,
-        r.depthwise
+        r.depthwise,
+        r.packs,
+        r.scaled_casts
     );
     if info.is_test_model {
         log::warn!(

@@ -101,30 +101,9 @@ impl BroadcastBin {
 
     /// Whether the run-time operands fit the row walk.
     fn fits(&self, full: &Tensor, other: &Tensor) -> bool {
-        // Row-major, whatever the stride of an axis of length 1 says (a
-        // reduction leaves `[250, 1, 1]` on a `[1, 1, 250]` mean).
-        let natural = |t: &Tensor| {
-            let mut expected = 1isize;
-            t.shape()
-                .iter()
-                .zip(t.strides())
-                .rev()
-                .all(|(&dim, &stride)| {
-                    let ok = dim == 1 || stride == expected;
-                    expected *= dim as isize;
-                    ok
-                })
-        };
         full.datum_type() == self.datum_type
             && other.datum_type() == self.datum_type
-            && full.rank() == other.rank()
-            && full
-                .shape()
-                .iter()
-                .zip(other.shape())
-                .all(|(f, o)| o == f || *o == 1)
-            && natural(full)
-            && natural(other)
+            && fit_rows(full, other)
     }
 
     fn run<T: Datum + Copy>(
@@ -162,19 +141,46 @@ impl BroadcastBin {
     }
 }
 
+/// Whether `other` broadcasts into `full` (same rank, each axis equal or 1)
+/// and both are laid out row-major: what [`Rows`] walks.
+pub(super) fn fit_rows(full: &Tensor, other: &Tensor) -> bool {
+    // Row-major, whatever the stride of an axis of length 1 says (a
+    // reduction leaves `[250, 1, 1]` on a `[1, 1, 250]` mean).
+    let natural = |t: &Tensor| {
+        let mut expected = 1isize;
+        t.shape()
+            .iter()
+            .zip(t.strides())
+            .rev()
+            .all(|(&dim, &stride)| {
+                let ok = dim == 1 || stride == expected;
+                expected *= dim as isize;
+                ok
+            })
+    };
+    full.rank() == other.rank()
+        && full
+            .shape()
+            .iter()
+            .zip(other.shape())
+            .all(|(f, o)| o == f || *o == 1)
+        && natural(full)
+        && natural(other)
+}
+
 /// How the output's rows meet the broadcast operand: rows of `len` elements,
 /// each against one scalar (`scalar`) or one contiguous row of `len` of the
 /// other operand, starting at `offsets[row]`.
 #[derive(Debug, PartialEq, Eq)]
-struct Rows {
-    len: usize,
-    scalar: bool,
-    offsets: Vec<usize>,
+pub(super) struct Rows {
+    pub(super) len: usize,
+    pub(super) scalar: bool,
+    pub(super) offsets: Vec<usize>,
 }
 
 impl Rows {
     /// `full` is the output's shape; `other` has its rank, each axis equal or 1.
-    fn new(full: &[usize], other: &[usize]) -> Rows {
+    pub(super) fn new(full: &[usize], other: &[usize]) -> Rows {
         let rank = full.len();
         let suffix = |same: &dyn Fn(usize) -> bool| {
             let mut axis = rank;

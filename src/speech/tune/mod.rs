@@ -20,12 +20,18 @@
 //!   and runs a generic loop.
 //! - [`depthwise::replace_depthwise_convs`]: with a symbolic time axis a
 //!   depthwise convolution becomes 768 one-row matmuls over an im2col buffer.
+//! - [`pack::replace_i8_packs`]: tract shifts and packs the int8 activations
+//!   for the VNNI kernel in two passes on one thread.
+//! - [`dequant::replace_scaled_casts`]: tract converts the int8 matmul sums to
+//!   f32 on one thread and scales them in a second pass.
 //!
 //! [`rewrite_decluttered`] and [`rewrite_optimized`] run the graph-level ones,
 //! before and after tract's optimiser.
 
 pub mod broadcast;
 pub mod depthwise;
+pub mod dequant;
+pub mod pack;
 
 use std::collections::BTreeMap;
 
@@ -56,6 +62,10 @@ pub struct Rewrites {
     pub broadcasts: usize,
     /// Depthwise convolutions run as direct loops ([`depthwise`]).
     pub depthwise: usize,
+    /// int8 activation packings run on the pool ([`pack`]).
+    pub packs: usize,
+    /// int8 matmul sums converted and scaled in one pass ([`dequant`]).
+    pub scaled_casts: usize,
 }
 
 impl Rewrites {
@@ -69,6 +79,8 @@ impl Rewrites {
         self.serialized += other.serialized;
         self.broadcasts += other.broadcasts;
         self.depthwise += other.depthwise;
+        self.packs += other.packs;
+        self.scaled_casts += other.scaled_casts;
     }
 }
 
@@ -100,6 +112,8 @@ pub fn rewrite_optimized(
     };
     done.serialized += serialize_row_loops(model);
     done.broadcasts += broadcast::replace_broadcast_binops(model)?;
+    done.packs += pack::replace_i8_packs(model)?;
+    done.scaled_casts += dequant::replace_scaled_casts(model)?;
     *model = std::mem::take(model).into_compact()?;
     Ok(())
 }
@@ -953,12 +967,25 @@ mod tests {
         build.rewrites
     }
 
+    /// Whether tract picks a VNNI kernel here, the only ones that pack for
+    /// `PackedI8K4` on x86-64.
+    fn vnni() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return std::arch::is_x86_feature_detected!("avx512vnni")
+            || std::arch::is_x86_feature_detected!("avxvnni");
+        #[cfg(not(target_arch = "x86_64"))]
+        return false;
+    }
+
     #[test]
     fn int8_rewrites_change_no_bit_of_the_encoder_output() {
         let done = same_bits_with_and_without("v3_e2e_rnnt_encoder_int8.onnx");
         assert!(done.zero_points > 0, "{done:?}");
-        assert!(done.quantizers > 0, "{done:?}");
+        assert!(done.quantizers > 0 && done.scaled_casts > 0, "{done:?}");
         assert!(done.depthwise > 0 && done.broadcasts > 0, "{done:?}");
+        if vnni() {
+            assert!(done.packs > 0, "{done:?}");
+        }
     }
 
     /// The full-size int8 model (`make bench` generates it), where tract's
@@ -971,9 +998,12 @@ mod tests {
             "v3_e2e_rnnt_encoder_int8.onnx",
         );
         assert!(
-            done.zero_points > 0 && done.folded > 0 && done.quantizers > 0,
+            done.zero_points > 0 && done.folded > 0 && done.quantizers > 0 && done.scaled_casts > 0,
             "{done:?}"
         );
+        if vnni() {
+            assert!(done.packs > 0, "{done:?}");
+        }
     }
 
     /// The same for the full-size fp32 encoder (re-targeted kernels, direct
