@@ -34,22 +34,9 @@ pub fn replace_depthwise_convs(model: &mut TypedModel) -> TractResult<usize> {
         } else {
             tvec![node.inputs[0]]
         };
-        let facts: Vec<&TypedFact> = inputs
-            .iter()
-            .map(|i| model.outlet_fact(*i))
-            .collect::<TractResult<_>>()?;
-        if op.output_facts(&facts)?[0] != node.outputs[0].fact {
-            continue;
+        if super::replace_node(model, id, op, &inputs)? {
+            done += 1;
         }
-        let mut patch = TypedModelPatch::default();
-        let taps: TVec<OutletId> = inputs
-            .iter()
-            .map(|i| patch.tap_model(model, *i))
-            .collect::<TractResult<_>>()?;
-        let out = patch.wire_node(&node.name, op, &taps)?;
-        patch.shunt_outside(model, node.id.into(), out[0])?;
-        patch.apply(model)?;
-        done += 1;
     }
     Ok(done)
 }

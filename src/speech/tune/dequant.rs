@@ -25,23 +25,9 @@ pub fn replace_scaled_casts(model: &mut TypedModel) -> TractResult<usize> {
         let Some((op, inputs)) = ScaledCast::for_node(model, &model.nodes[id])? else {
             continue;
         };
-        let node = &model.nodes[id];
-        let facts = inputs
-            .iter()
-            .map(|i| model.outlet_fact(*i))
-            .collect::<TractResult<Vec<_>>>()?;
-        if op.output_facts(&facts)?[0] != node.outputs[0].fact {
-            continue;
+        if super::replace_node(model, id, op, &inputs)? {
+            done += 1;
         }
-        let mut patch = TypedModelPatch::default();
-        let taps = inputs
-            .iter()
-            .map(|i| patch.tap_model(model, *i))
-            .collect::<TractResult<TVec<_>>>()?;
-        let out = patch.wire_node(&node.name, op, &taps)?;
-        patch.shunt_outside(model, node.id.into(), out[0])?;
-        patch.apply(model)?;
-        done += 1;
     }
     Ok(done)
 }

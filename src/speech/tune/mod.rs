@@ -148,6 +148,46 @@ pub fn clear_avx_upper() {
 }
 
 /// Ids of the nodes `keep` selects.
+/// Replaces node `id` (one output) with `op` reading `inputs`, when `op`
+/// gives the node's output fact. Returns whether it did.
+fn replace_node(
+    model: &mut TypedModel,
+    id: usize,
+    op: impl TypedOp,
+    inputs: &[OutletId],
+) -> TractResult<bool> {
+    {
+        let facts = inputs
+            .iter()
+            .map(|i| model.outlet_fact(*i))
+            .collect::<TractResult<TVec<_>>>()?;
+        if op.output_facts(&facts)?.first() != Some(&model.nodes[id].outputs[0].fact) {
+            return Ok(false);
+        }
+    }
+    let mut patch = TypedModelPatch::default();
+    let taps = inputs
+        .iter()
+        .map(|i| patch.tap_model(model, *i))
+        .collect::<TractResult<TVec<_>>>()?;
+    let out = patch.wire_node(&model.nodes[id].name, op, &taps)?;
+    patch.shunt_outside(model, id.into(), out[0])?;
+    patch.apply(model)?;
+    Ok(true)
+}
+
+/// The input axes a packing node (tract's `OptMatMulPack`) reads `k` and
+/// `mn` from.
+fn pack_axes(model: &TypedModel, pack: &TypedNode) -> TractResult<Option<(usize, usize)>> {
+    let inputs = model.node_input_facts(pack.id)?;
+    let outputs = model.node_output_facts(pack.id)?;
+    let axes = pack.op.axes_mapping(&inputs, &outputs)?;
+    Ok(axes.axis('K')?.inputs[0]
+        .first()
+        .copied()
+        .zip(axes.axis('M')?.inputs[0].first().copied()))
+}
+
 fn node_ids(model: &TypedModel, keep: impl Fn(&TypedNode) -> bool) -> Vec<usize> {
     model
         .nodes
@@ -606,14 +646,7 @@ fn retarget(
     };
     let (a_format, b_format) = kernel.packings()[packing].clone();
 
-    // Where the activation packing reads k and mn.
-    let pack_inputs = model.node_input_facts(pack_node.id)?;
-    let pack_outputs = model.node_output_facts(pack_node.id)?;
-    let axes = pack_node.op.axes_mapping(&pack_inputs, &pack_outputs)?;
-    let (Some(k_axis), Some(mn_axis)) = (
-        axes.axis('K')?.inputs[0].first().copied(),
-        axes.axis('M')?.inputs[0].first().copied(),
-    ) else {
+    let Some((k_axis, mn_axis)) = pack_axes(model, pack_node)? else {
         return Ok(None);
     };
 

@@ -27,17 +27,9 @@ pub fn replace_i8_packs(model: &mut TypedModel) -> TractResult<usize> {
         let Some((op, input)) = PackI8K4::for_node(model, &model.nodes[id])? else {
             continue;
         };
-        let node = &model.nodes[id];
-        let fact = op.output_facts(&[model.outlet_fact(input)?])?.remove(0);
-        if fact != node.outputs[0].fact {
-            continue;
+        if super::replace_node(model, id, op, &[input])? {
+            done += 1;
         }
-        let mut patch = TypedModelPatch::default();
-        let tap = patch.tap_model(model, input)?;
-        let out = patch.wire_node(&node.name, op, &[tap])?;
-        patch.shunt_outside(model, node.id.into(), out[0])?;
-        patch.apply(model)?;
-        done += 1;
     }
     Ok(done)
 }
@@ -76,22 +68,17 @@ impl PackI8K4 {
         let Some(format) = packer.downcast_ref::<PackedI8K4>() else {
             return Ok(None);
         };
-        let inputs = model.node_input_facts(node.id)?;
-        let outputs = model.node_output_facts(node.id)?;
-        let axes = node.op.axes_mapping(&inputs, &outputs)?;
-        let (Some(k_axis), Some(mn_axis)) = (
-            axes.axis('K')?.inputs[0].first().copied(),
-            axes.axis('M')?.inputs[0].first().copied(),
-        ) else {
+        let Some((k_axis, mn_axis)) = super::pack_axes(model, node)? else {
             return Ok(None);
         };
+        let fact = model.outlet_fact(node.inputs[0])?;
         // One matrix: every axis but k and mn is 1.
-        let unbatched = inputs[0]
+        let unbatched = fact
             .shape
             .iter()
             .enumerate()
             .all(|(ax, d)| ax == k_axis || ax == mn_axis || d.is_one());
-        if inputs[0].datum_type != DatumType::I8 || !unbatched {
+        if fact.datum_type != DatumType::I8 || !unbatched {
             return Ok(None);
         }
         let mut op = PackI8K4 {
