@@ -256,8 +256,9 @@ impl TypedOp for PackI8K4 {
 mod tests {
     use super::*;
 
-    /// The packed bytes, panel size, `mn` and `k` of one packed matrix.
-    type Packed = (Vec<u8>, usize, usize, usize);
+    /// The packed bytes, their alignment, panel size, `mn` and `k` of one
+    /// packed matrix.
+    type Packed = (Vec<u8>, usize, usize, usize, usize);
 
     fn packed(value: &dyn MMMInputValue) -> Packed {
         let eager = value
@@ -265,6 +266,7 @@ mod tests {
             .expect("eager packed");
         (
             eager.packed.as_bytes().to_vec(),
+            eager.packed.layout().align(),
             eager.panel_bytes,
             eager.mn,
             eager.k(),
