@@ -147,7 +147,6 @@ pub fn clear_avx_upper() {
     std::hint::black_box(memchr::memchr(1, std::hint::black_box(&BYTES)));
 }
 
-/// Ids of the nodes `keep` selects.
 /// Replaces node `id` (one output) with `op` reading `inputs`, when `op`
 /// gives the node's output fact. Returns whether it did.
 fn replace_node(
@@ -188,6 +187,52 @@ fn pack_axes(model: &TypedModel, pack: &TypedNode) -> TractResult<Option<(usize,
         .zip(axes.axis('M')?.inputs[0].first().copied()))
 }
 
+/// The fact of one packed matrix in `format`, packed from `input` along
+/// `k_axis` and `mn_axis`, as tract's `OptMatMulPack` declares it.
+fn packed_fact(
+    input: &TypedFact,
+    datum_type: DatumType,
+    format: Box<dyn MMMInputFormat>,
+    k_axis: usize,
+    mn_axis: usize,
+) -> TypedFact {
+    use tract_onnx::tract_core::ops::matmul::pack::DynPackedExoticFact;
+    let exotic = DynPackedExoticFact {
+        k: input.shape[k_axis].clone(),
+        mn: input.shape[mn_axis].clone(),
+        packers: vec![format],
+    };
+    datum_type
+        .fact(packed_shape(&input.shape, k_axis, mn_axis))
+        .with_exotic_fact(exotic)
+}
+
+/// One packed matrix `value` as a tensor, the shape of `input_shape` with
+/// `k_axis` and `mn_axis` packed away.
+fn packed_value(
+    input_shape: &[usize],
+    k_axis: usize,
+    mn_axis: usize,
+    value: Box<dyn MMMInputValue>,
+    datum_type: DatumType,
+) -> TValue {
+    let shape = packed_shape(input_shape, k_axis, mn_axis);
+    tract_linalg::mmm::PackedMatrixStorage::new_batched(&shape, tvec![value])
+        .into_tensor(datum_type)
+        .into_tvalue()
+}
+
+/// `shape` without the axes a packing consumes.
+fn packed_shape<D: Clone>(shape: &[D], k_axis: usize, mn_axis: usize) -> TVec<D> {
+    shape
+        .iter()
+        .enumerate()
+        .filter(|(ax, _)| *ax != k_axis && *ax != mn_axis)
+        .map(|(_, d)| d.clone())
+        .collect()
+}
+
+/// Ids of the nodes `keep` selects.
 fn node_ids(model: &TypedModel, keep: impl Fn(&TypedNode) -> bool) -> Vec<usize> {
     model
         .nodes
@@ -715,17 +760,6 @@ pub struct PackFor {
     mn_axis: usize,
 }
 
-impl PackFor {
-    fn output_shape<D: Clone>(&self, input: &[D]) -> TVec<D> {
-        input
-            .iter()
-            .enumerate()
-            .filter(|(ix, _)| *ix != self.k_axis && *ix != self.mn_axis)
-            .map(|(_, d)| d.clone())
-            .collect()
-    }
-}
-
 impl Op for PackFor {
     fn name(&self) -> StaticName {
         "PackFor".into()
@@ -747,26 +781,25 @@ impl EvalOp for PackFor {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = &inputs[0];
         let packed = self.format.prepare_one(input, self.k_axis, self.mn_axis)?;
-        let shape = self.output_shape(input.shape());
-        let storage = tract_linalg::mmm::PackedMatrixStorage::new_batched(&shape, tvec![packed]);
-        Ok(tvec!(storage.into_tensor(input.datum_type()).into_tvalue()))
+        Ok(tvec!(packed_value(
+            input.shape(),
+            self.k_axis,
+            self.mn_axis,
+            packed,
+            input.datum_type()
+        )))
     }
 }
 
 impl TypedOp for PackFor {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        use tract_onnx::tract_core::ops::matmul::pack::DynPackedExoticFact;
-        let exotic = DynPackedExoticFact {
-            k: inputs[0].shape[self.k_axis].clone(),
-            mn: inputs[0].shape[self.mn_axis].clone(),
-            packers: vec![self.format.clone()],
-        };
-        Ok(tvec!(
-            inputs[0]
-                .datum_type
-                .fact(self.output_shape(&inputs[0].shape))
-                .with_exotic_fact(exotic)
-        ))
+        Ok(tvec!(packed_fact(
+            inputs[0],
+            inputs[0].datum_type,
+            self.format.clone(),
+            self.k_axis,
+            self.mn_axis
+        )))
     }
 
     as_op!();

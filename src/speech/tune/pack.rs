@@ -9,9 +9,7 @@
 //! its panels split across the pool. It only moves bytes (the shift is a
 //! flip of the top bit), so the packed panels are the same bytes as tract's.
 
-use tract_linalg::mmm::{
-    EagerPackedInput, MMMInputFormat, MMMInputValue, PackedExoticFact, PackedMatrixStorage,
-};
+use tract_linalg::mmm::{EagerPackedInput, PackedExoticFact};
 use tract_linalg::pack::PackedI8K4;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -97,15 +95,6 @@ impl PackI8K4 {
             input = source.inputs[0];
         }
         Ok(Some((op, input)))
-    }
-
-    fn output_shape<D: Clone>(&self, input: &[D]) -> TVec<D> {
-        input
-            .iter()
-            .enumerate()
-            .filter(|(ax, _)| *ax != self.k_axis && *ax != self.mn_axis)
-            .map(|(_, d)| d.clone())
-            .collect()
     }
 
     fn input_type(&self) -> DatumType {
@@ -225,28 +214,26 @@ impl EvalOp for PackI8K4 {
             panel_bytes: self.format.single_panel_len(k),
             mn,
         };
-        let shape = self.output_shape(input.shape());
-        let storage = PackedMatrixStorage::new_batched(
-            &shape,
-            tvec![Box::new(value) as Box<dyn MMMInputValue>],
-        );
-        Ok(tvec!(storage.into_tensor(DatumType::I8).into_tvalue()))
+        Ok(tvec!(super::packed_value(
+            input.shape(),
+            self.k_axis,
+            self.mn_axis,
+            Box::new(value),
+            DatumType::I8
+        )))
     }
 }
 
 impl TypedOp for PackI8K4 {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         ensure!(inputs[0].datum_type == self.input_type());
-        let exotic = DynPackedExoticFact {
-            k: inputs[0].shape[self.k_axis].clone(),
-            mn: inputs[0].shape[self.mn_axis].clone(),
-            packers: vec![Box::new(self.format.clone()) as Box<dyn MMMInputFormat>],
-        };
-        Ok(tvec!(
-            DatumType::I8
-                .fact(self.output_shape(&inputs[0].shape))
-                .with_exotic_fact(exotic)
-        ))
+        Ok(tvec!(super::packed_fact(
+            inputs[0],
+            DatumType::I8,
+            Box::new(self.format.clone()),
+            self.k_axis,
+            self.mn_axis
+        )))
     }
 
     as_op!();
@@ -255,6 +242,7 @@ impl TypedOp for PackI8K4 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tract_linalg::mmm::{MMMInputFormat, MMMInputValue, PackedMatrixStorage};
 
     /// The packed bytes, their alignment, panel size, `mn` and `k` of one
     /// packed matrix.
