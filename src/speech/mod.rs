@@ -111,7 +111,7 @@ pub struct Engine {
     encoder: model::Encoder,
     decoder: Option<Plan>,
     joint: Option<Plan>,
-    vad: Plan,
+    vad: vad::VadPlans,
     vocab: vocab::Vocab,
     features: FeatureExtractor,
     /// The encoder's thread pool (`None` at one thread). Runs are started on
@@ -146,7 +146,7 @@ impl Engine {
             .map(model::load_fixed)
             .transpose()?;
         let joint = files.joint.as_deref().map(model::load_fixed).transpose()?;
-        let vad = vad::load_vad()?;
+        let vad = vad::load_vad(executor.clone())?;
         let vocab = vocab::Vocab::load(&files.vocab)?;
         let encoder_dim = match &joint {
             Some(j) => {

@@ -202,7 +202,7 @@ fn file_name(p: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn invalid(file: &Path) -> impl Fn(TractError) -> SpeechError + '_ {
+pub(super) fn invalid(file: &Path) -> impl Fn(TractError) -> SpeechError + '_ {
     move |e| SpeechError::ModelInvalid {
         file: file.to_path_buf(),
         why: format!("{e:#}"),
@@ -405,16 +405,6 @@ pub(crate) fn load_fixed(path: &Path) -> Result<Plan, SpeechError> {
     let err = invalid(path);
     tract_onnx::onnx()
         .model_for_path(path)
-        .and_then(|m| m.into_optimized())
-        .and_then(|m| m.into_runnable())
-        .map_err(err)
-}
-
-/// Loads a fixed-shape graph from bytes compiled into the binary (Silero VAD).
-pub(crate) fn load_fixed_bytes(bytes: &[u8], name: &Path) -> Result<Plan, SpeechError> {
-    let err = invalid(name);
-    tract_onnx::onnx()
-        .model_for_read(&mut std::io::Cursor::new(bytes))
         .and_then(|m| m.into_optimized())
         .and_then(|m| m.into_runnable())
         .map_err(err)
