@@ -7,7 +7,7 @@
 //! 32 ms window.
 //!
 //! The graph is cut in two where the state first comes in ([`split`]). The
-//! front (STFT and four convolutions, ~90 % of the work) does not depend on the
+//! front (STFT and four convolutions, most of the work) does not depend on the
 //! state, so it runs on up to [`VAD_BATCH`] windows at once, split across the
 //! encoder's pool when there is one; the back (LSTM and decoder) then runs
 //! window by window. Per window, the numbers are those of the whole graph.
