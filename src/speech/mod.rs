@@ -117,6 +117,29 @@ pub struct Engine {
     /// The encoder's thread pool (`None` at one thread). Runs are started on
     /// one of its own threads: see [`Engine::on_pool`].
     executor: Option<tract_linalg::multithread::Executor>,
+    /// Held by whoever runs a job on the pool ([`PoolTurn`]).
+    pool_turn: PoolTurn,
+}
+
+/// One job at a time on the encoder's pool.
+///
+/// tract 0.23.9's `OptMatMul::eval` keeps a thread-local `RefCell` (its
+/// scratch space) mutably borrowed while its tiles run on the pool. A pool
+/// thread waiting there for tiles steals whatever job is queued, and if that
+/// is another caller's plan run, the first matmul of it borrows the same
+/// `RefCell` again and panics ("RefCell already borrowed"): two recognizers
+/// sharing a two-thread pool failed that way in about one run in three of
+/// `a_shared_two_thread_pool_decodes_to_the_same_ids`. Queued one at a time,
+/// a waiting pool thread only ever steals tiles and row chunks of the job it
+/// is in. Two jobs on one two-thread pool gain nothing from overlapping anyway.
+pub(crate) type PoolTurn = Arc<std::sync::Mutex<()>>;
+
+/// Runs `f` holding `turn` (a panic in another job leaves nothing to repair).
+pub(crate) fn with_turn<R>(turn: &PoolTurn, f: impl FnOnce() -> R) -> R {
+    let _turn = turn
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    f()
 }
 
 impl std::fmt::Debug for Engine {
@@ -146,7 +169,8 @@ impl Engine {
             .map(model::load_fixed)
             .transpose()?;
         let joint = files.joint.as_deref().map(model::load_fixed).transpose()?;
-        let vad = vad::load_vad(executor.clone())?;
+        let pool_turn = PoolTurn::default();
+        let vad = vad::load_vad(executor.clone(), Arc::clone(&pool_turn))?;
         let vocab = vocab::Vocab::load(&files.vocab)?;
         let encoder_dim = match &joint {
             Some(j) => {
@@ -195,6 +219,7 @@ impl Engine {
             vocab,
             features: FeatureExtractor::new(),
             executor,
+            pool_turn,
         }))
     }
 
@@ -210,7 +235,9 @@ impl Engine {
     /// pool thread and the matmuls split only when a thread is free.
     fn on_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         match &self.executor {
-            Some(tract_linalg::multithread::Executor::MultiThread(pool)) => pool.install(f),
+            Some(tract_linalg::multithread::Executor::MultiThread(pool)) => {
+                with_turn(&self.pool_turn, || pool.install(f))
+            }
             _ => f(),
         }
     }

@@ -57,12 +57,16 @@ pub(crate) struct VadPlans {
     back: Plan,
     /// Shape of one window's features.
     crossing: Vec<usize>,
-    /// The encoder's pool, for batches worth splitting.
+    /// The encoder's pool, for batches worth splitting, and its turn.
     executor: Option<Executor>,
+    turn: super::PoolTurn,
 }
 
 /// Loads the built-in Silero VAD graph as its two halves.
-pub(crate) fn load_vad(executor: Option<Executor>) -> Result<VadPlans, SpeechError> {
+pub(crate) fn load_vad(
+    executor: Option<Executor>,
+    turn: super::PoolTurn,
+) -> Result<VadPlans, SpeechError> {
     let name = Path::new("silero_vad_16k.onnx (built in)");
     let err = invalid(name);
     let onnx = tract_onnx::onnx();
@@ -127,6 +131,7 @@ pub(crate) fn load_vad(executor: Option<Executor>) -> Result<VadPlans, SpeechErr
         back,
         crossing,
         executor,
+        turn,
     })
 }
 
@@ -332,17 +337,20 @@ impl VadStream {
         match pool {
             Some(pool) if windows >= VAD_SPLIT_MIN => {
                 let plan = &self.plans.front;
-                multithread_tract_scope(pool, || {
-                    par_chunks_mut(
-                        &mut self.features,
-                        VAD_FEATURES,
-                        usize::MAX,
-                        |first, out| {
-                            let rows = out.len() / VAD_FEATURES;
-                            let input = &batch[first * VAD_ROW..(first + rows) * VAD_ROW];
-                            front_into(&mut plan.spawn()?, input, out)
-                        },
-                    )
+                let turn = &self.plans.turn;
+                super::with_turn(turn, || {
+                    multithread_tract_scope(pool, || {
+                        par_chunks_mut(
+                            &mut self.features,
+                            VAD_FEATURES,
+                            usize::MAX,
+                            |first, out| {
+                                let rows = out.len() / VAD_FEATURES;
+                                let input = &batch[first * VAD_ROW..(first + rows) * VAD_ROW];
+                                front_into(&mut plan.spawn()?, input, out)
+                            },
+                        )
+                    })
                 })
             }
             _ => front_into(&mut self.front, batch, &mut self.features),
@@ -513,8 +521,8 @@ mod tests {
         samples.extend(std::iter::repeat_n(0.01, 300));
         assert!(samples.len() > 4 * VAD_BATCH * VAD_WINDOW);
         let want = whole_graph_probs(&samples);
-        let single = load_vad(None).unwrap();
-        let pool = load_vad(Some(Executor::multithread(2))).unwrap();
+        let single = load_vad(None, Default::default()).unwrap();
+        let pool = load_vad(Some(Executor::multithread(2)), Default::default()).unwrap();
         for (plans, chunk) in [
             (&single, samples.len()),
             (&pool, samples.len()),
@@ -537,7 +545,7 @@ mod tests {
     #[test]
     fn reset_starts_the_stream_over() {
         let samples = speech_70s();
-        let plans = load_vad(None).unwrap();
+        let plans = load_vad(None, Default::default()).unwrap();
         let mut stream = VadStream::new(&plans).unwrap();
         let mut first = Vec::new();
         stream.push(&samples[..40_000], &mut first).unwrap();
