@@ -11,6 +11,7 @@ pub mod features;
 pub mod lean;
 pub mod model;
 pub mod pieces;
+mod pool;
 mod rnnt;
 pub mod segment;
 pub mod stream;
@@ -114,32 +115,9 @@ pub struct Engine {
     vad: vad::VadPlans,
     vocab: vocab::Vocab,
     features: FeatureExtractor,
-    /// The encoder's thread pool (`None` at one thread). Runs are started on
-    /// one of its own threads: see [`Engine::on_pool`].
-    executor: Option<tract_linalg::multithread::Executor>,
-    /// Held by whoever runs a job on the pool ([`PoolTurn`]).
-    pool_turn: PoolTurn,
-}
-
-/// One job at a time on the encoder's pool.
-///
-/// tract 0.23.9's `OptMatMul::eval` keeps a thread-local `RefCell` (its
-/// scratch space) mutably borrowed while its tiles run on the pool. A pool
-/// thread waiting there for tiles steals whatever job is queued, and if that
-/// is another caller's plan run, the first matmul of it borrows the same
-/// `RefCell` again and panics ("RefCell already borrowed"): two recognizers
-/// sharing a two-thread pool failed that way in about one run in three of
-/// `a_shared_two_thread_pool_decodes_to_the_same_ids`. Queued one at a time,
-/// a waiting pool thread only ever steals tiles and row chunks of the job it
-/// is in. Two jobs on one two-thread pool gain nothing from overlapping anyway.
-pub(crate) type PoolTurn = Arc<std::sync::Mutex<()>>;
-
-/// Runs `f` holding `turn` (a panic in another job leaves nothing to repair).
-pub(crate) fn with_turn<R>(turn: &PoolTurn, f: impl FnOnce() -> R) -> R {
-    let _turn = turn
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    f()
+    /// The encoder's thread pool and its turn ([`pool::Pool`]). Runs are
+    /// started on one of its own threads: see [`Engine::on_pool`].
+    pool: pool::Pool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -156,21 +134,19 @@ impl Engine {
         let started = Instant::now();
         let files = model::find_model(dir, options.variant, options.precision)?;
         let threads = options.encoder_threads.max(1);
-        let executor =
-            (threads > 1).then(|| tract_linalg::multithread::Executor::multithread(threads));
+        let pool = pool::Pool::new(threads);
         let names = match files.variant {
             Variant::Rnnt => ("audio_signal", "length"),
             Variant::Ctc => ("features", "feature_lengths"),
         };
-        let (encoder, build) = model::load_encoder(&files.encoder, names, executor.clone())?;
+        let (encoder, build) = model::load_encoder(&files.encoder, names, pool.executor())?;
         let decoder = files
             .decoder
             .as_deref()
             .map(model::load_fixed)
             .transpose()?;
         let joint = files.joint.as_deref().map(model::load_fixed).transpose()?;
-        let pool_turn = PoolTurn::default();
-        let vad = vad::load_vad(executor.clone(), Arc::clone(&pool_turn))?;
+        let vad = vad::load_vad(pool.clone())?;
         let vocab = vocab::Vocab::load(&files.vocab)?;
         let encoder_dim = match &joint {
             Some(j) => {
@@ -218,28 +194,15 @@ impl Engine {
             vad,
             vocab,
             features: FeatureExtractor::new(),
-            executor,
-            pool_turn,
+            pool,
         }))
     }
 
-    /// Runs `f` on one of the encoder pool's threads, or here at one thread.
-    ///
-    /// A plan run from outside the pool is a third thread beside the pool's two
-    /// on a two-core machine: the element-wise ops between matmuls run on it
-    /// while the pool's idle threads spin for work, and the matmuls' share of the
-    /// cores shrinks. Started inside, the calling thread is one of the pool's, the
-    /// matmuls split over both, and the element-wise ops have a core to
-    /// themselves: int8 10 s 0.53 -> 0.39 s, fp32 0.54 -> 0.46 s at two threads
-    /// (docs/perf.md). Several recognizers share the pool; each run then takes a
-    /// pool thread and the matmuls split only when a thread is free.
+    /// Runs `f` on one of the encoder pool's threads, or here at one thread
+    /// ([`pool::Pool::install`]). Several recognizers share the pool and take
+    /// turns on it.
     fn on_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        match &self.executor {
-            Some(tract_linalg::multithread::Executor::MultiThread(pool)) => {
-                with_turn(&self.pool_turn, || pool.install(f))
-            }
-            _ => f(),
-        }
+        self.pool.install(f)
     }
 
     /// What was loaded.

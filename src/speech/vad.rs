@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use std::ops::Range;
 use std::path::Path;
 
-use tract_linalg::multithread::{Executor, multithread_tract_scope, par_chunks_mut};
+use tract_linalg::multithread::{Executor, par_chunks_mut};
 use tract_onnx::pb::{ModelProto, NodeProto, ValueInfoProto};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::bail;
@@ -24,6 +24,7 @@ use tract_onnx::tract_core::internal::bail;
 use super::SpeechError;
 use super::error::inference;
 use super::model::{Plan, invalid};
+use super::pool::Pool;
 use super::rnnt::ordered;
 
 /// New samples per VAD window (32 ms at 16 kHz).
@@ -38,7 +39,8 @@ const VAD_SPLIT_MIN: usize = 64;
 const VAD_CONTEXT: usize = 64;
 /// One model input: context + window.
 const VAD_ROW: usize = VAD_CONTEXT + VAD_WINDOW;
-/// Width of what the front half hands the back half, per window.
+/// Width of what the front half hands the back half, per window: checked
+/// against the graph at load; the buffers are sized from the graph.
 const VAD_FEATURES: usize = 128;
 /// Silero state shape.
 const STATE_SHAPE: [usize; 3] = [2, 1, 128];
@@ -57,16 +59,14 @@ pub(crate) struct VadPlans {
     back: Plan,
     /// Shape of one window's features.
     crossing: Vec<usize>,
-    /// The encoder's pool, for batches worth splitting, and its turn.
-    executor: Option<Executor>,
-    turn: super::PoolTurn,
+    /// Values per window in the front's output (the crossing tensor's size).
+    per_window: usize,
+    /// The encoder's pool, for batches worth splitting.
+    pool: Pool,
 }
 
 /// Loads the built-in Silero VAD graph as its two halves.
-pub(crate) fn load_vad(
-    executor: Option<Executor>,
-    turn: super::PoolTurn,
-) -> Result<VadPlans, SpeechError> {
+pub(crate) fn load_vad(pool: Pool) -> Result<VadPlans, SpeechError> {
     let name = Path::new("silero_vad_16k.onnx (built in)");
     let err = invalid(name);
     let onnx = tract_onnx::onnx();
@@ -129,9 +129,9 @@ pub(crate) fn load_vad(
     Ok(VadPlans {
         front,
         back,
+        per_window: crossing.iter().product(),
         crossing,
-        executor,
-        turn,
+        pool,
     })
 }
 
@@ -218,7 +218,7 @@ pub struct VadStream {
     rnn_state: Tensor,
     /// Model inputs waiting for the front half, `VAD_ROW` each.
     batch: Vec<f32>,
-    /// The front half's output for `batch`, `VAD_FEATURES` each.
+    /// The front half's output for `batch`, `per_window` values each.
     features: Vec<f32>,
     /// The last `VAD_CONTEXT` samples of the previous input.
     context: Vec<f32>,
@@ -299,10 +299,11 @@ impl VadStream {
         }
         self.run_front(windows).map_err(inference)?;
         self.batch.clear();
+        let per_window = self.plans.per_window;
         for w in 0..windows {
             let features = Tensor::from_shape(
                 &self.plans.crossing,
-                &self.features[w * VAD_FEATURES..(w + 1) * VAD_FEATURES],
+                &self.features[w * per_window..(w + 1) * per_window],
             )
             .map_err(inference)?;
             let state = std::mem::take(&mut self.rnn_state);
@@ -327,34 +328,22 @@ impl VadStream {
     /// The front half over `windows` batched inputs, into `features`: on the
     /// pool in pieces when the batch is large enough, else here in one run.
     fn run_front(&mut self, windows: usize) -> TractResult<()> {
+        let per_window = self.plans.per_window;
         self.features.clear();
-        self.features.resize(windows * VAD_FEATURES, 0.0);
-        let pool = match &self.plans.executor {
-            Some(e @ Executor::MultiThread(p)) if p.current_num_threads() > 1 => Some(e.clone()),
-            _ => None,
-        };
+        self.features.resize(windows * per_window, 0.0);
         let batch = &self.batch;
-        match pool {
-            Some(pool) if windows >= VAD_SPLIT_MIN => {
-                let plan = &self.plans.front;
-                let turn = &self.plans.turn;
-                super::with_turn(turn, || {
-                    multithread_tract_scope(pool, || {
-                        par_chunks_mut(
-                            &mut self.features,
-                            VAD_FEATURES,
-                            usize::MAX,
-                            |first, out| {
-                                let rows = out.len() / VAD_FEATURES;
-                                let input = &batch[first * VAD_ROW..(first + rows) * VAD_ROW];
-                                front_into(&mut plan.spawn()?, input, out)
-                            },
-                        )
-                    })
-                })
-            }
-            _ => front_into(&mut self.front, batch, &mut self.features),
+        if windows < VAD_SPLIT_MIN || !self.plans.pool.is_parallel() {
+            return front_into(&mut self.front, batch, &mut self.features);
         }
+        let plan = &self.plans.front;
+        let features = &mut self.features;
+        self.plans.pool.scoped(|| {
+            par_chunks_mut(features, per_window, usize::MAX, |first, out| {
+                let rows = out.len() / per_window;
+                let input = &batch[first * VAD_ROW..(first + rows) * VAD_ROW];
+                front_into(&mut plan.spawn()?, input, out)
+            })
+        })
     }
 }
 
@@ -521,8 +510,8 @@ mod tests {
         samples.extend(std::iter::repeat_n(0.01, 300));
         assert!(samples.len() > 4 * VAD_BATCH * VAD_WINDOW);
         let want = whole_graph_probs(&samples);
-        let single = load_vad(None, Default::default()).unwrap();
-        let pool = load_vad(Some(Executor::multithread(2)), Default::default()).unwrap();
+        let single = load_vad(Pool::default()).unwrap();
+        let pool = load_vad(Pool::new(2)).unwrap();
         for (plans, chunk) in [
             (&single, samples.len()),
             (&pool, samples.len()),
@@ -545,7 +534,7 @@ mod tests {
     #[test]
     fn reset_starts_the_stream_over() {
         let samples = speech_70s();
-        let plans = load_vad(None, Default::default()).unwrap();
+        let plans = load_vad(Pool::default()).unwrap();
         let mut stream = VadStream::new(&plans).unwrap();
         let mut first = Vec::new();
         stream.push(&samples[..40_000], &mut first).unwrap();
