@@ -10,10 +10,11 @@ models:
 run: models
 	cargo run --release -- serve --model-dir models
 
-# Our whole pipeline vs onnxruntime's encoder on the full-size random GigaAM v3
-# (regenerated into models/gigaam-v3-full-random/gen/ on first use, with .venv-bench).
-# Table on stdout and in target/bench/results.md; see bench/README.md.
-# Overrides: BENCH_REPS=5 BENCH_THREADS="1 2" BENCH_PRECISIONS="fp32 int8" BENCH_DURATIONS=4,10,60
+# Our whole pipeline vs onnxruntime's encoder and onnx-asr end to end on the full-size
+# random GigaAM v3 (regenerated into models/gigaam-v3-full-random/gen/ on first use, with
+# .venv-bench), in rounds that turn the order. Table on stdout and in
+# target/bench/results.md; see bench/README.md. Overrides: BENCH_ROUNDS=3 BENCH_REPS=3
+# BENCH_THREADS="1 2" BENCH_PRECISIONS="fp32 int8" BENCH_DURATIONS=4,10,60 BENCH_ONNX_ASR=1
 .PHONY: bench
 bench:
 	bench/run.sh
