@@ -89,6 +89,13 @@ fn health_ready_and_models() {
             .is_some_and(|k| k.contains("mmm_") && k.contains(" x")),
         "{json}"
     );
+    // And the vector build our own loops picked for this CPU.
+    assert!(
+        model["loop_simd"]
+            .as_str()
+            .is_some_and(|s| s.contains("x86-64") || s.contains("aarch64") || s == "baseline"),
+        "{json}"
+    );
 }
 
 #[test]

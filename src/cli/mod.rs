@@ -252,7 +252,7 @@ pub(crate) fn load_engine(
     );
     let r = &info.encoder_rewrites;
     log::info!(
-        "encoder in {} pieces, kernels: {}; rewrites: {} weights read from the file one at a time, \
+        "encoder in {} pieces, kernels: {}, our loops: {}; rewrites: {} weights read from the file one at a time, \
          {} weight matmuls moved to the long-input kernel, \
          {} row-loop matmuls kept on one thread, {} zero weight zero points dropped, \
          {} constant chains folded, {} quantizers vectorised, {} broadcasting element-wise ops \
@@ -260,6 +260,7 @@ pub(crate) fn load_engine(
          run on the pool, {} int8 matmul sums scaled in one pass",
         info.encoder_pieces,
         info.encoder_kernels,
+        info.loop_simd,
         r.weights_from_file,
         r.retargeted,
         r.serialized,

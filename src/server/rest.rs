@@ -69,6 +69,7 @@ pub(crate) fn models(app: &App) -> Result<Response, ApiError> {
         "pool_size": loaded.pool.size(),
         "encoder_threads": info.encoder_threads,
         "encoder_kernels": info.encoder_kernels,
+        "loop_simd": info.loop_simd,
         "formats": output::Format::ALL.iter().map(|f| f.name()).collect::<Vec<_>>(),
         "audio_formats": crate::audio::supported_formats(),
         "supported_rates": SUPPORTED_RATES_HZ,

@@ -97,6 +97,9 @@ pub struct ModelInfo {
     pub encoder_threads: usize,
     /// Matmul kernels the encoder plan uses, with counts.
     pub encoder_kernels: String,
+    /// The vector build our own loops (quantiser, depthwise, broadcasts,
+    /// scaling) run on this CPU, picked at run time (`tune::wide`).
+    pub loop_simd: &'static str,
     /// Pieces the encoder graph was cut into and optimised as (see [`pieces`]).
     pub encoder_pieces: usize,
     /// The encoder's load stages with their wall time.
@@ -181,6 +184,7 @@ impl Engine {
             load_ms: started.elapsed().as_millis(),
             encoder_threads: threads,
             encoder_kernels: build.kernels,
+            loop_simd: tune::wide_level(),
             encoder_pieces: build.pieces,
             encoder_stages: build.stages,
             encoder_rewrites: build.rewrites,

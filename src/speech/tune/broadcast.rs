@@ -122,20 +122,13 @@ impl BroadcastBin {
         }
         let total = out.len();
         tract_linalg::multithread::par_chunks_mut(out, rows.len, total, |first_row, chunk| {
-            super::clear_avx_upper();
-            for (row, xs) in chunk.chunks_exact_mut(rows.len).enumerate() {
-                let at = rows.offsets[first_row + row];
-                if rows.scalar {
-                    let y = other[at];
-                    for x in xs.iter_mut() {
-                        *x = f(*x, y);
-                    }
-                } else {
-                    for (x, y) in xs.iter_mut().zip(&other[at..at + rows.len]) {
-                        *x = f(*x, *y);
-                    }
-                }
-            }
+            super::wide(Apply {
+                rows: &rows,
+                first_row,
+                chunk,
+                other,
+                f: &f,
+            });
             Ok(())
         })
     }
@@ -166,6 +159,44 @@ pub(super) fn fit_rows(full: &Tensor, other: &Tensor) -> bool {
             .all(|(f, o)| o == f || *o == 1)
         && natural(full)
         && natural(other)
+}
+
+/// `x = f(x, y)` over output rows `first_row..` in `chunk`, `y` from
+/// `other`, as [`super::wide`] work.
+struct Apply<'a, T, F> {
+    rows: &'a Rows,
+    first_row: usize,
+    chunk: &'a mut [T],
+    other: &'a [T],
+    f: &'a F,
+}
+
+impl<T: Copy, F: Fn(T, T) -> T> super::Wide for Apply<'_, T, F> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let Apply {
+            rows,
+            first_row,
+            chunk,
+            other,
+            f,
+        } = self;
+        for (row, xs) in chunk.chunks_exact_mut(rows.len).enumerate() {
+            let at = rows.offsets[first_row + row];
+            if rows.scalar {
+                let y = other[at];
+                for x in xs.iter_mut() {
+                    *x = f(*x, y);
+                }
+            } else {
+                for (x, y) in xs.iter_mut().zip(&other[at..at + rows.len]) {
+                    *x = f(*x, *y);
+                }
+            }
+        }
+    }
 }
 
 /// How the output's rows meet the broadcast operand: rows of `len` elements,

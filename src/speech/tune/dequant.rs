@@ -108,29 +108,59 @@ impl ScaledCast {
                 rows.len,
                 total,
                 |first_row, chunk| {
-                    super::clear_avx_upper();
-                    for (row, to) in chunk.chunks_exact_mut(rows.len).enumerate() {
-                        let start = (first_row + row) * rows.len;
-                        let from = &xs[start..start + rows.len];
-                        let at = rows.offsets[first_row + row];
-                        // A converted i32 is never NaN, so the product is the
-                        // same in either operand order.
-                        if rows.scalar {
-                            let y = ys[at];
-                            for (o, x) in to.iter_mut().zip(from) {
-                                *o = *x as f32 * y;
-                            }
-                        } else {
-                            for ((o, x), y) in to.iter_mut().zip(from).zip(&ys[at..at + rows.len]) {
-                                *o = *x as f32 * *y;
-                            }
-                        }
-                    }
+                    super::wide(ScaleRows {
+                        rows: &rows,
+                        first_row,
+                        chunk,
+                        xs,
+                        ys,
+                    });
                     Ok(())
                 },
             )?;
         }
         Ok(out)
+    }
+}
+
+/// `i32 as f32` times its scale, over output rows `first_row..` in `chunk`,
+/// as [`super::wide`] work. A converted i32 is never NaN, so the product is
+/// the same in either operand order.
+struct ScaleRows<'a> {
+    rows: &'a Rows,
+    first_row: usize,
+    chunk: &'a mut [f32],
+    xs: &'a [i32],
+    ys: &'a [f32],
+}
+
+impl super::Wide for ScaleRows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let ScaleRows {
+            rows,
+            first_row,
+            chunk,
+            xs,
+            ys,
+        } = self;
+        for (row, to) in chunk.chunks_exact_mut(rows.len).enumerate() {
+            let start = (first_row + row) * rows.len;
+            let from = &xs[start..start + rows.len];
+            let at = rows.offsets[first_row + row];
+            if rows.scalar {
+                let y = ys[at];
+                for (o, x) in to.iter_mut().zip(from) {
+                    *o = *x as f32 * y;
+                }
+            } else {
+                for ((o, x), y) in to.iter_mut().zip(from).zip(&ys[at..at + rows.len]) {
+                    *o = *x as f32 * *y;
+                }
+            }
+        }
     }
 }
 
