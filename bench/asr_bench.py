@@ -17,10 +17,7 @@ int8) the decoder and joint quantized here the way make_model.py quantizes the e
 Each figure is the median of --reps runs after one warm-up, as bench.rs measures.
 """
 import argparse
-import json
 import os
-import resource
-import statistics
 import sysconfig
 import time
 import wave
@@ -29,15 +26,13 @@ import numpy as np
 import onnx_asr
 import onnxruntime as ort
 
+from runner import peak_rss_mib, session_options, timed_median, write_result
+
 SAMPLE_RATE = 16000
 # gigastt's engine cuts audio longer than this with its VAD (speech::pieces); onnx-asr does the same
 # here so that both run what each would run on that audio.
 VAD_ABOVE_SECS = 25
 GRAPHS = ["v3_e2e_rnnt_encoder", "v3_e2e_rnnt_decoder", "v3_e2e_rnnt_joint"]
-
-
-def peak_rss_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def link(src, dst):
@@ -97,11 +92,7 @@ def main():
     ap.add_argument("--json")
     a = ap.parse_args()
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = a.threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts = session_options(a.threads)
     quantization = "int8" if a.precision == "int8" else None
     folder = model_folder(a.model, a.work)
     t = time.perf_counter()
@@ -124,12 +115,7 @@ def main():
         else:
             run = lambda: [asr.recognize(clip)]  # noqa: E731
         texts = run()
-        runs = []
-        for _ in range(a.reps):
-            t = time.perf_counter()
-            run()
-            runs.append(time.perf_counter() - t)
-        median = statistics.median(runs)
+        median, runs = timed_median(a.reps, run)
         print(f"  {label} {secs:g} s whole ({len(texts)} pieces): {median:.3f} s", flush=True)
         durations.append({
             "duration_secs": secs,
@@ -148,12 +134,7 @@ def main():
         "peak_rss_after_runs_mib": peak_rss_mib(),
         "durations": durations,
     }
-    text = json.dumps(result, indent=2)
-    if a.json:
-        with open(a.json, "w") as f:
-            f.write(text + "\n")
-    else:
-        print(text)
+    write_result(result, a.json)
 
 
 if __name__ == "__main__":

@@ -14,29 +14,14 @@ for the first piece lies from ours. One process per thread count, so the peak RS
 import argparse
 import json
 import os
-import resource
-import statistics
 import time
 
 import numpy as np
 import onnxruntime as ort
 
+from runner import peak_rss_mib, session_options, timed_median, write_result
+
 N_MELS = 64
-
-
-def peak_rss_mib():
-    # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def timed_median(reps, run):
-    run()
-    runs = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        run()
-        runs.append(time.perf_counter() - t)
-    return statistics.median(runs), runs
 
 
 def output_gap(ours_path, theirs):
@@ -62,11 +47,7 @@ def main():
     a = ap.parse_args()
     ours = json.load(open(a.ours))
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = a.threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts = session_options(a.threads)
     t = time.perf_counter()
     sess = ort.InferenceSession(a.encoder, opts, providers=["CPUExecutionProvider"])
     load_ms = (time.perf_counter() - t) * 1e3
@@ -108,12 +89,7 @@ def main():
         "peak_rss_after_runs_mib": peak_rss_mib(),
         "durations": durations,
     }
-    text = json.dumps(result, indent=2)
-    if a.json:
-        with open(a.json, "w") as f:
-            f.write(text + "\n")
-    else:
-        print(text)
+    write_result(result, a.json)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,12 @@ def ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
 
+def header(w, *cells):
+    """A markdown table's header row and rule."""
+    w("| " + " | ".join(cells) + " |")
+    w("|" + "---|" * len(cells))
+
+
 def cpu_model():
     try:
         for line in open("/proc/cpuinfo"):
@@ -121,9 +127,8 @@ def report(rounds, runs_dir):
       f"(features + VAD when > 25 s + encoder + greedy RNN-T decode) and `Recognizer::encode` on the same "
       f"features; {ort_name}: the same encoder file on the same features, intra_op threads = threads, "
       f"inter_op 1, ORT_ENABLE_ALL. Audio over 25 s runs as the engine's VAD pieces, encoder times summed.\n")
-    w("| audio | threads | precision | ours whole (s) | ours encoder (s) | ort encoder (s) "
-      "| ours whole / ort enc | by round | ours enc / ort enc | RTF ours whole |")
-    w("|---|---|---|---|---|---|---|---|---|---|")
+    header(w, "audio", "threads", "precision", "ours whole (s)", "ours encoder (s)", "ort encoder (s)",
+           "ours whole / ort enc", "by round", "ours enc / ort enc", "RTF ours whole")
     for d in durations:
         for t in threads:
             for p in precisions:
@@ -144,9 +149,8 @@ def report(rounds, runs_dir):
     if reduced and any(k == "ort" and p == "fp32" for (k, p, _) in runs):
         w("Reduced precision against onnxruntime's *fp32* encoder (the speed goal: whole pipeline "
           "at most 0.75x of it):\n")
-        w("| audio | threads | precision | ours whole (s) | ort fp32 encoder (s) | ours whole / ort fp32 enc "
-          "| by round |")
-        w("|---|---|---|---|---|---|---|")
+        header(w, "audio", "threads", "precision", "ours whole (s)", "ort fp32 encoder (s)",
+               "ours whole / ort fp32 enc", "by round")
         for d in durations:
             for t in threads:
                 fp = by_duration(runs.get(("ort", "fp32", t))).get(d)
@@ -164,9 +168,8 @@ def report(rounds, runs_dir):
           "Python greedy RNN-T loop; its Silero VAD over 25 s, pieces of at most 20 s in batches of 8), "
           "same threads; its int8 is the int8 encoder with the decoder and joint quantized alike. "
           "The reduced-precision goal includes being faster than its int8:\n")
-        w("| audio | threads | precision | ours whole (s) | onnx-asr whole (s) | ours / onnx-asr | by round "
-          "| RTF onnx-asr |")
-        w("|---|---|---|---|---|---|---|---|")
+        header(w, "audio", "threads", "precision", "ours whole (s)", "onnx-asr whole (s)", "ours / onnx-asr",
+               "by round", "RTF onnx-asr")
         for d in durations:
             for t in threads:
                 for p in precisions:
