@@ -119,7 +119,8 @@ pub struct Engine {
     vocab: vocab::Vocab,
     features: FeatureExtractor,
     /// The encoder's thread pool and its turn ([`pool::Pool`]). Runs are
-    /// started on one of its own threads: see [`Engine::on_pool`].
+    /// started on one of its own threads ([`pool::Pool::install`]); the
+    /// recognizers share it and take turns.
     pool: pool::Pool,
 }
 
@@ -200,13 +201,6 @@ impl Engine {
             features: FeatureExtractor::new(),
             pool,
         }))
-    }
-
-    /// Runs `f` on one of the encoder pool's threads, or here at one thread
-    /// ([`pool::Pool::install`]). Several recognizers share the pool and take
-    /// turns on it.
-    fn on_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        self.pool.install(f)
     }
 
     /// What was loaded.
@@ -309,7 +303,8 @@ impl Recognizer {
         let encoder = &mut self.encoder;
         let out = self
             .engine
-            .on_pool(|| encoder.run(inputs, tune::run_clean))
+            .pool
+            .install(|| encoder.run(inputs, tune::run_clean))
             .map_err(inference)?;
         let main = out
             .first()

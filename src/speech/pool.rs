@@ -16,7 +16,7 @@ use tract_linalg::multithread::{Executor, multithread_tract_scope};
 /// `a_shared_two_thread_pool_decodes_to_the_same_ids`. Queued one at a time,
 /// a waiting pool thread only ever steals tiles and row chunks of the job it
 /// is in. Two jobs on one two-thread pool gain nothing from overlapping anyway.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub(crate) struct Pool {
     executor: Option<Executor>,
     turn: Arc<Mutex<()>>,
@@ -38,7 +38,7 @@ impl Pool {
 
     /// Whether there are threads to split work across.
     pub(crate) fn is_parallel(&self) -> bool {
-        matches!(&self.executor, Some(Executor::MultiThread(p)) if p.current_num_threads() > 1)
+        self.executor.is_some()
     }
 
     /// Runs `f` on one of the pool's threads, holding the turn; at one thread,

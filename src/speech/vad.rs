@@ -59,10 +59,15 @@ pub(crate) struct VadPlans {
     back: Plan,
     /// Shape of one window's features.
     crossing: Vec<usize>,
-    /// Values per window in the front's output (the crossing tensor's size).
-    per_window: usize,
     /// The encoder's pool, for batches worth splitting.
     pool: Pool,
+}
+
+impl VadPlans {
+    /// Values per window in the front's output (the crossing tensor's size).
+    fn per_window(&self) -> usize {
+        self.crossing.iter().product()
+    }
 }
 
 /// Loads the built-in Silero VAD graph as its two halves.
@@ -129,7 +134,6 @@ pub(crate) fn load_vad(pool: Pool) -> Result<VadPlans, SpeechError> {
     Ok(VadPlans {
         front,
         back,
-        per_window: crossing.iter().product(),
         crossing,
         pool,
     })
@@ -299,7 +303,7 @@ impl VadStream {
         }
         self.run_front(windows).map_err(inference)?;
         self.batch.clear();
-        let per_window = self.plans.per_window;
+        let per_window = self.plans.per_window();
         for w in 0..windows {
             let features = Tensor::from_shape(
                 &self.plans.crossing,
@@ -328,7 +332,7 @@ impl VadStream {
     /// The front half over `windows` batched inputs, into `features`: on the
     /// pool in pieces when the batch is large enough, else here in one run.
     fn run_front(&mut self, windows: usize) -> TractResult<()> {
-        let per_window = self.plans.per_window;
+        let per_window = self.plans.per_window();
         self.features.clear();
         self.features.resize(windows * per_window, 0.0);
         let batch = &self.batch;
@@ -510,7 +514,7 @@ mod tests {
         samples.extend(std::iter::repeat_n(0.01, 300));
         assert!(samples.len() > 4 * VAD_BATCH * VAD_WINDOW);
         let want = whole_graph_probs(&samples);
-        let single = load_vad(Pool::default()).unwrap();
+        let single = load_vad(Pool::new(1)).unwrap();
         let pool = load_vad(Pool::new(2)).unwrap();
         for (plans, chunk) in [
             (&single, samples.len()),
@@ -534,7 +538,7 @@ mod tests {
     #[test]
     fn reset_starts_the_stream_over() {
         let samples = speech_70s();
-        let plans = load_vad(Pool::default()).unwrap();
+        let plans = load_vad(Pool::new(1)).unwrap();
         let mut stream = VadStream::new(&plans).unwrap();
         let mut first = Vec::new();
         stream.push(&samples[..40_000], &mut first).unwrap();

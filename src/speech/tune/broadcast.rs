@@ -176,15 +176,9 @@ impl<T: Copy, F: Fn(T, T) -> T> super::Wide for Apply<'_, T, F> {
 
     #[inline(always)]
     fn run(self) {
-        let Apply {
-            rows,
-            first_row,
-            chunk,
-            other,
-            f,
-        } = self;
-        for (row, xs) in chunk.chunks_exact_mut(rows.len).enumerate() {
-            let at = rows.offsets[first_row + row];
+        let (rows, other, f) = (self.rows, self.other, self.f);
+        for (row, xs) in self.chunk.chunks_exact_mut(rows.len).enumerate() {
+            let at = rows.offsets[self.first_row + row];
             if rows.scalar {
                 let y = other[at];
                 for x in xs.iter_mut() {

@@ -139,17 +139,11 @@ impl super::Wide for ScaleRows<'_> {
 
     #[inline(always)]
     fn run(self) {
-        let ScaleRows {
-            rows,
-            first_row,
-            chunk,
-            xs,
-            ys,
-        } = self;
-        for (row, to) in chunk.chunks_exact_mut(rows.len).enumerate() {
-            let start = (first_row + row) * rows.len;
-            let from = &xs[start..start + rows.len];
-            let at = rows.offsets[first_row + row];
+        let (rows, ys) = (self.rows, self.ys);
+        for (row, to) in self.chunk.chunks_exact_mut(rows.len).enumerate() {
+            let row = self.first_row + row;
+            let from = &self.xs[row * rows.len..(row + 1) * rows.len];
+            let at = rows.offsets[row];
             if rows.scalar {
                 let y = ys[at];
                 for (o, x) in to.iter_mut().zip(from) {

@@ -167,8 +167,11 @@ pub fn clear_avx_upper() {
 #[inline(always)]
 pub(crate) fn wide<W: Wide>(work: W) -> W::Output {
     clear_avx_upper();
-    pulp::Arch::new().dispatch(Dispatch(work))
+    ARCH.dispatch(Dispatch(work))
 }
+
+/// The CPU's level, detected once ([`wide`] runs per chunk of every op).
+static ARCH: std::sync::LazyLock<pulp::Arch> = std::sync::LazyLock::new(pulp::Arch::new);
 
 /// Work for [`wide`]. Implementations mark `run` `#[inline(always)]` and keep
 /// their loops inside it (or in `#[inline(always)]` helpers).
@@ -221,13 +224,13 @@ impl Wide for MinMax<'_> {
 /// The build [`wide`] runs on this CPU, for the startup log and `/v1/models`.
 pub fn wide_level() -> &'static str {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    match pulp::Arch::new() {
+    match *ARCH {
         pulp::Arch::V4(_) => "x86-64-v4 (AVX-512)",
         pulp::Arch::V3(_) => "x86-64-v3 (AVX2, FMA)",
         _ => "x86-64 baseline (SSE2)",
     }
     #[cfg(target_arch = "aarch64")]
-    match pulp::Arch::new() {
+    match *ARCH {
         pulp::Arch::Neon(_) => "aarch64 NEON",
         _ => "aarch64 baseline",
     }
