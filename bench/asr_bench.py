@@ -114,8 +114,7 @@ def main():
             run = lambda: [s.text for s in asr.with_vad(vad).recognize(clip)]  # noqa: E731
         else:
             run = lambda: [asr.recognize(clip)]  # noqa: E731
-        texts = run()
-        median, runs = timed_median(a.reps, run)
+        median, runs, texts = timed_median(a.reps, run)
         print(f"  {label} {secs:g} s whole ({len(texts)} pieces): {median:.3f} s", flush=True)
         durations.append({
             "duration_secs": secs,

@@ -64,7 +64,7 @@ def main():
             feeds.append({names[0]: mel, names[1]: np.array([p["frames"]], dtype=np.int64)})
         if not feeds:
             raise SystemExit(f"no features for {d['duration_secs']} s: run bench.rs with --inputs {a.inputs}")
-        median, runs = timed_median(a.reps, lambda: [sess.run(None, f) for f in feeds])
+        median, runs, _ = timed_median(a.reps, lambda: [sess.run(None, f) for f in feeds])
         first = d["pieces"][0]
         gap = None
         if first.get("encoded"):

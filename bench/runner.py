@@ -24,14 +24,14 @@ def peak_rss_mib():
 
 
 def timed_median(reps, run):
-    """One warm-up, then the median of `reps` timed runs, and the runs."""
-    run()
+    """One warm-up, then the median of `reps` timed runs, the runs, and what the warm-up returned."""
+    first = run()
     runs = []
     for _ in range(reps):
         t = time.perf_counter()
         run()
         runs.append(time.perf_counter() - t)
-    return statistics.median(runs), runs
+    return statistics.median(runs), runs, first
 
 
 def write_result(result, path):
