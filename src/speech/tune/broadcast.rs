@@ -137,28 +137,29 @@ impl BroadcastBin {
 /// Whether `other` broadcasts into `full` (same rank, each axis equal or 1)
 /// and both are laid out row-major: what [`Rows`] walks.
 pub(super) fn fit_rows(full: &Tensor, other: &Tensor) -> bool {
-    // Row-major, whatever the stride of an axis of length 1 says (a
-    // reduction leaves `[250, 1, 1]` on a `[1, 1, 250]` mean).
-    let natural = |t: &Tensor| {
-        let mut expected = 1isize;
-        t.shape()
-            .iter()
-            .zip(t.strides())
-            .rev()
-            .all(|(&dim, &stride)| {
-                let ok = dim == 1 || stride == expected;
-                expected *= dim as isize;
-                ok
-            })
-    };
     full.rank() == other.rank()
         && full
             .shape()
             .iter()
             .zip(other.shape())
             .all(|(f, o)| o == f || *o == 1)
-        && natural(full)
-        && natural(other)
+        && row_major(full)
+        && row_major(other)
+}
+
+/// Whether `t` is laid out row-major, whatever the stride of an axis of
+/// length 1 says (a reduction leaves `[250, 1, 1]` on a `[1, 1, 250]` mean).
+pub(super) fn row_major(t: &Tensor) -> bool {
+    let mut expected = 1isize;
+    t.shape()
+        .iter()
+        .zip(t.strides())
+        .rev()
+        .all(|(&dim, &stride)| {
+            let ok = dim == 1 || stride == expected;
+            expected *= dim as isize;
+            ok
+        })
 }
 
 /// `x = f(x, y)` over output rows `first_row..` in `chunk`, `y` from
@@ -176,17 +177,18 @@ impl<T: Copy, F: Fn(T, T) -> T> super::Wide for Apply<'_, T, F> {
 
     #[inline(always)]
     fn run(self) {
-        let (rows, other, f) = (self.rows, self.other, self.f);
+        let (rows, f) = (self.rows, self.f);
         for (row, xs) in self.chunk.chunks_exact_mut(rows.len).enumerate() {
-            let at = rows.offsets[self.first_row + row];
-            if rows.scalar {
-                let y = other[at];
-                for x in xs.iter_mut() {
-                    *x = f(*x, y);
+            match rows.operand(self.other, self.first_row + row) {
+                Operand::Scalar(y) => {
+                    for x in xs.iter_mut() {
+                        *x = f(*x, y);
+                    }
                 }
-            } else {
-                for (x, y) in xs.iter_mut().zip(&other[at..at + rows.len]) {
-                    *x = f(*x, *y);
+                Operand::Row(ys) => {
+                    for (x, y) in xs.iter_mut().zip(ys) {
+                        *x = f(*x, *y);
+                    }
                 }
             }
         }
@@ -245,6 +247,25 @@ impl Rows {
             offsets,
         }
     }
+
+    /// What output row `row` meets in the broadcast operand `other`.
+    #[inline(always)]
+    pub(super) fn operand<'a, T: Copy>(&self, other: &'a [T], row: usize) -> Operand<'a, T> {
+        let at = self.offsets[row];
+        if self.scalar {
+            Operand::Scalar(other[at])
+        } else {
+            Operand::Row(&other[at..at + self.len])
+        }
+    }
+}
+
+/// One output row's share of the broadcast operand ([`Rows::operand`]).
+pub(super) enum Operand<'a, T> {
+    /// One value for the whole row.
+    Scalar(T),
+    /// One value per element of the row.
+    Row(&'a [T]),
 }
 
 impl Op for BroadcastBin {

@@ -14,7 +14,7 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::OptBinUnicast;
 use tract_onnx::tract_core::ops::cast::Cast;
 
-use super::broadcast::{Rows, fit_rows};
+use super::broadcast::{Operand, Rows, fit_rows};
 
 /// Replaces each f32 `OptMulUnicast` of an optimised graph one of whose
 /// operands is a `Cast` from i32 read by nothing else with [`ScaledCast`] on
@@ -139,19 +139,20 @@ impl super::Wide for ScaleRows<'_> {
 
     #[inline(always)]
     fn run(self) {
-        let (rows, ys) = (self.rows, self.ys);
+        let rows = self.rows;
         for (row, to) in self.chunk.chunks_exact_mut(rows.len).enumerate() {
             let row = self.first_row + row;
             let from = &self.xs[row * rows.len..(row + 1) * rows.len];
-            let at = rows.offsets[row];
-            if rows.scalar {
-                let y = ys[at];
-                for (o, x) in to.iter_mut().zip(from) {
-                    *o = *x as f32 * y;
+            match rows.operand(self.ys, row) {
+                Operand::Scalar(y) => {
+                    for (o, x) in to.iter_mut().zip(from) {
+                        *o = *x as f32 * y;
+                    }
                 }
-            } else {
-                for ((o, x), y) in to.iter_mut().zip(from).zip(&ys[at..at + rows.len]) {
-                    *o = *x as f32 * *y;
+                Operand::Row(ys) => {
+                    for ((o, x), y) in to.iter_mut().zip(from).zip(ys) {
+                        *o = *x as f32 * *y;
+                    }
                 }
             }
         }
