@@ -6,7 +6,8 @@
 //!     cargo run --release --example shape_probe -- models/gigaam-v3-full-random/gen/v3_e2e_rnnt_encoder.onnx 999
 //!
 //! Env: PROBE_ASSERT="T>=2" (symbol assertion), PROBE_TUNE=1 (gigastt's graph
-//! rewrites, as the server loads it), PROBE_NODES=1 (time per node, with the
+//! rewrites, as the server loads it; PROBE_EXACT=1 only those that keep tract's
+//! bits, i.e. without the softmax), PROBE_NODES=1 (time per node, with the
 //! kernel tract picked), PROBE_TOP=N (lines per run), PROBE_SYMBOLIC_ONLY=1,
 //! PROBE_GROUP=1 (time per op and node name, layer numbers dropped),
 //! PROBE_DUMP=SUBSTRING (print the optimised nodes whose name has it;
@@ -98,7 +99,18 @@ fn load(
     }
     stages.mark("optimize");
     if tune {
-        gigastt::speech::tune::rewrite_optimized(&mut model, &mut done, executor.clone())?;
+        // PROBE_EXACT=1: only the rewrites that keep tract's bits.
+        let exactness = if std::env::var("PROBE_EXACT").is_ok() {
+            gigastt::speech::tune::Exactness::Bits
+        } else {
+            gigastt::speech::tune::Exactness::Close
+        };
+        gigastt::speech::tune::rewrite_optimized(
+            &mut model,
+            &mut done,
+            executor.clone(),
+            exactness,
+        )?;
         stages.mark("rewrite_optimized");
         eprintln!("rewrites {done:?}");
         eprintln!(

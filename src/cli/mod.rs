@@ -257,7 +257,7 @@ pub(crate) fn load_engine(
          {} row-loop matmuls kept on one thread, {} zero weight zero points dropped, \
          {} constant chains folded, {} quantizers vectorised, {} broadcasting element-wise ops \
          run as rows, {} depthwise convolutions run directly, {} int8 activation packings \
-         run on the pool, {} int8 matmul sums scaled in one pass",
+         run on the pool, {} int8 matmul sums scaled in one pass, {} softmaxes run as rows",
         info.encoder_pieces,
         info.encoder_kernels,
         info.loop_simd,
@@ -270,7 +270,8 @@ pub(crate) fn load_engine(
         r.broadcasts,
         r.depthwise,
         r.packs,
-        r.scaled_casts
+        r.scaled_casts,
+        r.softmaxes
     );
     if info.is_test_model {
         log::warn!(

@@ -239,6 +239,10 @@ pub(crate) enum Build {
     Plain,
     /// The lean read, the `tune` rewrites, one piece per layer.
     Tuned,
+    /// [`Build::Tuned`] without the rewrites that change bits: what the bit
+    /// tests hold against [`Build::Plain`].
+    #[cfg_attr(not(test), allow(dead_code))]
+    Exact,
 }
 
 /// An encoder plan and the position of its inputs.
@@ -262,7 +266,7 @@ pub(crate) fn load_encoder_as(
         .with_ignore_output_shapes(true)
         .with_ignore_value_info(true);
     let mut rewrites = super::tune::Rewrites::default();
-    let (proto, model_dir) = if build == Build::Tuned {
+    let (proto, model_dir) = if build != Build::Plain {
         // The weights stay in the file until tract reads them one by one, so
         // the file, the decoded protobuf and the tensors are never all in
         // memory at once (docs/perf.md, "Memory allocator and loading").
@@ -322,7 +326,12 @@ pub(crate) fn load_encoder_as(
             .and_then(|m| m.into_runnable_with_options(&options))
             .and_then(super::pieces::Pieces::whole)
             .map_err(&err)?,
-        Build::Tuned => {
+        Build::Tuned | Build::Exact => {
+            let exactness = if build == Build::Exact {
+                super::tune::Exactness::Bits
+            } else {
+                super::tune::Exactness::Close
+            };
             // Declutter, rewrite and optimise layer by layer, on every core:
             // tract's passes slow down with the size of the graph
             // (docs/perf.md, "Load time and memory").
@@ -335,7 +344,7 @@ pub(crate) fn load_encoder_as(
                 part.declutter()?;
                 super::tune::rewrite_decluttered(&mut part, &mut own)?;
                 part.optimize()?;
-                super::tune::rewrite_optimized(&mut part, &mut own, executor.clone())?;
+                super::tune::rewrite_optimized(&mut part, &mut own, executor.clone(), exactness)?;
                 done.lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .add(&own);
