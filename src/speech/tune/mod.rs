@@ -1018,7 +1018,7 @@ mod tests {
     const CLOSE: f32 = 1e-5;
 
     /// Repeatable floats in [-1, 1) (a 64-bit LCG).
-    fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
+    pub(super) fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
         move || {
             seed = seed
                 .wrapping_mul(6_364_136_223_846_793_005)

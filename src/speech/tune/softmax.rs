@@ -218,16 +218,7 @@ fn exp_neg(x: f32) -> f32 {
 mod tests {
     use super::*;
     use crate::speech::tune::Wide;
-
-    /// Repeatable floats in [-1, 1) (a 64-bit LCG).
-    fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
-        move || {
-            seed = seed
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-    }
+    use crate::speech::tune::tests::uniform;
 
     /// Relative error of `got` against the f64 value `want`.
     fn relative(got: f32, want: f64) -> f64 {
