@@ -15,6 +15,7 @@ use tract_onnx::tract_hir::internal::InferenceFact;
 
 use super::SpeechError;
 use super::features::N_MELS;
+use super::tune::Exactness;
 
 /// Fewest feature frames the encoder runs on (30 ms of audio); shorter input is
 /// silence to us. Declared to tract as an assertion on `T`.
@@ -228,7 +229,7 @@ pub(crate) fn load_encoder(
     names: (&str, &str),
     executor: Option<tract_linalg::multithread::Executor>,
 ) -> Result<(Encoder, EncoderBuild), SpeechError> {
-    load_encoder_as(path, names, executor, Build::Tuned)
+    load_encoder_as(path, names, executor, Build::Tuned(Exactness::Close))
 }
 
 /// How [`load_encoder_as`] builds the plan.
@@ -237,12 +238,10 @@ pub(crate) enum Build {
     /// tract alone, in one piece: the reference the rewrites are tested against.
     #[cfg_attr(not(test), allow(dead_code))]
     Plain,
-    /// The lean read, the `tune` rewrites, one piece per layer.
-    Tuned,
-    /// [`Build::Tuned`] without the rewrites that change bits: what the bit
-    /// tests hold against [`Build::Plain`].
-    #[cfg_attr(not(test), allow(dead_code))]
-    Exact,
+    /// The lean read, the `tune` rewrites, one piece per layer; with
+    /// [`Exactness::Bits`] only those that keep tract's bits (what the bit
+    /// tests hold against [`Build::Plain`]).
+    Tuned(Exactness),
 }
 
 /// An encoder plan and the position of its inputs.
@@ -326,12 +325,7 @@ pub(crate) fn load_encoder_as(
             .and_then(|m| m.into_runnable_with_options(&options))
             .and_then(super::pieces::Pieces::whole)
             .map_err(&err)?,
-        Build::Tuned | Build::Exact => {
-            let exactness = if build == Build::Exact {
-                super::tune::Exactness::Bits
-            } else {
-                super::tune::Exactness::Close
-            };
+        Build::Tuned(exactness) => {
             // Declutter, rewrite and optimise layer by layer, on every core:
             // tract's passes slow down with the size of the graph
             // (docs/perf.md, "Load time and memory").

@@ -1160,7 +1160,7 @@ mod tests {
     }
 
     fn same_bits_in(dir: &str, file: &str) -> Rewrites {
-        let (plain, tuned, rewrites) = plain_and_tuned(dir, file, Build::Exact);
+        let (plain, tuned, rewrites) = plain_and_tuned(dir, file, Build::Tuned(Exactness::Bits));
         let bits = |xs: &[f32]| xs.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert!(bits(&plain) == bits(&tuned), "{file}: outputs differ");
         rewrites
@@ -1288,8 +1288,11 @@ mod tests {
         // that the output is as close to fp32's as tract's own int8 is.
         let dir = "models/gigaam-v3-full-random/gen";
         let (fp32, _) = encoder_output(dir, "v3_e2e_rnnt_encoder.onnx", Build::Plain);
-        let (plain, tuned, done) =
-            plain_and_tuned(dir, "v3_e2e_rnnt_encoder_int8.onnx", Build::Tuned);
+        let (plain, tuned, done) = plain_and_tuned(
+            dir,
+            "v3_e2e_rnnt_encoder_int8.onnx",
+            Build::Tuned(Exactness::Close),
+        );
         assert!(done.softmaxes > 0, "{done:?}");
         let (theirs, ours) = (rms_difference(&fp32, &plain), rms_difference(&fp32, &tuned));
         eprintln!("int8 from fp32, RMS: tract's {theirs:e}, ours {ours:e}");
@@ -1301,7 +1304,7 @@ mod tests {
 
     /// `dir/file` with every rewrite within [`CLOSE`] of tract's output.
     fn assert_close(dir: &str, file: &str) {
-        let (plain, tuned, done) = plain_and_tuned(dir, file, Build::Tuned);
+        let (plain, tuned, done) = plain_and_tuned(dir, file, Build::Tuned(Exactness::Close));
         assert!(done.softmaxes > 0, "{file}: {done:?}");
         let difference = relative_difference(&plain, &tuned);
         eprintln!("{file}: relative difference {difference:e}");
