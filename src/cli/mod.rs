@@ -257,7 +257,8 @@ pub(crate) fn load_engine(
          {} row-loop matmuls kept on one thread, {} zero weight zero points dropped, \
          {} constant chains folded, {} quantizers vectorised, {} broadcasting element-wise ops \
          run as rows, {} depthwise convolutions run directly, {} int8 activation packings \
-         run on the pool, {} int8 matmul sums scaled in one pass, {} softmaxes run as rows",
+         run on the pool, {} int8 matmul sums scaled in one pass, {} softmaxes run as rows, \
+         {} LayerNorms run as rows",
         info.encoder_pieces,
         info.encoder_kernels,
         info.loop_simd,
@@ -271,7 +272,8 @@ pub(crate) fn load_engine(
         r.depthwise,
         r.packs,
         r.scaled_casts,
-        r.softmaxes
+        r.softmaxes,
+        r.norms
     );
     if info.is_test_model {
         log::warn!(

@@ -1,8 +1,8 @@
 //! Graph rewrites for what tract 0.23.9 leaves slow in GigaAM's graphs
-//! (measured in docs/perf.md). Each one but the softmax is exact: the model
-//! computes the same numbers, bit for bit, only sooner. The softmax's `exp` is
-//! not tract's polynomial, so [`Exactness::Bits`] leaves it out, for the tests
-//! that compare bits.
+//! (measured in docs/perf.md). Each one but the softmax and the LayerNorm is
+//! exact: the model computes the same numbers, bit for bit, only sooner. Those
+//! two take their `exp` and sums their own way, not tract's kernels', so
+//! [`Exactness::Bits`] leaves them out, for the tests that compare bits.
 //!
 //! - [`drop_zero_weight_zero_points`]: the int8 export gives every weight a
 //!   per-channel zero point that is all zeros; declared, it makes tract correct
@@ -28,6 +28,8 @@
 //!   f32 on one thread and scales them in a second pass.
 //! - [`softmax::replace_softmaxes`]: tract's softmax calls three kernels per
 //!   row and runs its glue between them on dirty AVX state.
+//! - [`norm::replace_layer_norms`]: tract lowers a LayerNorm to four nodes that
+//!   each walk the whole tensor, the first a scalar sum on one thread.
 //!
 //! [`rewrite_decluttered`] and [`rewrite_optimized`] run the graph-level ones,
 //! before and after tract's optimiser.
@@ -35,6 +37,7 @@
 pub mod broadcast;
 pub mod depthwise;
 pub mod dequant;
+pub mod norm;
 pub mod pack;
 pub mod softmax;
 
@@ -73,6 +76,8 @@ pub struct Rewrites {
     pub scaled_casts: usize,
     /// Softmaxes run row by row ([`softmax`]).
     pub softmaxes: usize,
+    /// LayerNorms' normalisations run row by row ([`norm`]).
+    pub norms: usize,
 }
 
 impl Rewrites {
@@ -89,6 +94,7 @@ impl Rewrites {
         self.packs += other.packs;
         self.scaled_casts += other.scaled_casts;
         self.softmaxes += other.softmaxes;
+        self.norms += other.norms;
     }
 }
 
@@ -108,7 +114,8 @@ pub fn rewrite_decluttered(model: &mut TypedModel, done: &mut Rewrites) -> Tract
 pub enum Exactness {
     /// Only those that keep every bit of tract's output.
     Bits,
-    /// Also the softmax, within a few units in the last place of tract's.
+    /// Also the softmax and the LayerNorms, within a few units in the last
+    /// place of tract's.
     Close,
 }
 
@@ -129,6 +136,10 @@ pub fn rewrite_optimized(
         None => retarget()?,
     };
     done.serialized += serialize_row_loops(model);
+    if exactness == Exactness::Close {
+        // Before the broadcasting ops: the norm's chain has one.
+        done.norms += norm::replace_layer_norms(model)?;
+    }
     done.broadcasts += broadcast::replace_broadcast_binops(model)?;
     done.packs += pack::replace_i8_packs(model)?;
     done.scaled_casts += dequant::replace_scaled_casts(model)?;
@@ -1013,8 +1024,8 @@ mod tests {
     use super::*;
     use crate::speech::model::{Build, load_encoder_as};
 
-    /// How far the encoder output may move with the softmax rewrite, relative
-    /// to its largest magnitude.
+    /// How far the fp32 encoder output may move with the rewrites that are not
+    /// bit-exact, relative to its largest magnitude.
     const CLOSE: f32 = 1e-5;
 
     /// Repeatable floats in [-1, 1) (a 64-bit LCG).
@@ -1235,14 +1246,15 @@ mod tests {
         worst / scale
     }
 
-    /// With every rewrite, the softmax's included, the encoder output stays
-    /// within a few units in the last place of its scale (the golden tests
-    /// hold the token ids).
+    /// With every rewrite, the softmax and the LayerNorm included, the fp32
+    /// encoder output stays within a few units in the last place of its
+    /// scale, and the int8 one as close to fp32 as tract's own (the golden
+    /// tests hold the token ids).
     #[test]
     fn all_rewrites_keep_the_encoder_output_close() {
-        for file in ["v3_e2e_rnnt_encoder.onnx", "v3_e2e_rnnt_encoder_int8.onnx"] {
-            assert_close("models/gigaam-v3-tiny-random", file);
-        }
+        let dir = "models/gigaam-v3-tiny-random";
+        assert_close(dir, "v3_e2e_rnnt_encoder.onnx");
+        assert_int8_as_close_to_fp32(dir);
     }
 
     /// Whether tract picks a VNNI kernel here, the only ones that pack for
@@ -1282,20 +1294,28 @@ mod tests {
         if vnni() {
             assert!(done.packs > 0, "{done:?}");
         }
-        // Here every layer quantises its activations again, so the softmax's
-        // last-place differences flip roundings that the next layers spread
-        // (1.3 % RMS over 16 layers, where fp32 moves 7e-7): what must hold is
-        // that the output is as close to fp32's as tract's own int8 is.
-        let dir = "models/gigaam-v3-full-random/gen";
+        assert_int8_as_close_to_fp32("models/gigaam-v3-full-random/gen");
+    }
+
+    /// The int8 encoder of `dir` with every rewrite against its fp32 one.
+    /// Every layer quantises its activations again, so the last-place
+    /// differences of the softmax and the LayerNorm flip roundings that the
+    /// next layers spread (1.3 % RMS over the 16 full-size layers, where fp32
+    /// moves 7e-7): what must hold is that the output is as close to fp32's
+    /// as tract's own int8 is.
+    fn assert_int8_as_close_to_fp32(dir: &str) {
         let (fp32, _) = encoder_output(dir, "v3_e2e_rnnt_encoder.onnx", Build::Plain);
         let (plain, tuned, done) = plain_and_tuned(
             dir,
             "v3_e2e_rnnt_encoder_int8.onnx",
             Build::Tuned(Exactness::Close),
         );
-        assert!(done.softmaxes > 0, "{done:?}");
+        assert!(done.softmaxes > 0 && done.norms > 0, "{done:?}");
         let (theirs, ours) = (rms_difference(&fp32, &plain), rms_difference(&fp32, &tuned));
-        eprintln!("int8 from fp32, RMS: tract's {theirs:e}, ours {ours:e}");
+        eprintln!(
+            "{dir}: int8 from fp32, RMS: tract's {theirs:e}, ours {ours:e}; ours from tract's {:e}",
+            rms_difference(&plain, &tuned)
+        );
         assert!(
             ours <= 1.1 * theirs,
             "tract's int8 {theirs:e} from fp32, ours {ours:e}"
@@ -1305,9 +1325,9 @@ mod tests {
     /// `dir/file` with every rewrite within [`CLOSE`] of tract's output.
     fn assert_close(dir: &str, file: &str) {
         let (plain, tuned, done) = plain_and_tuned(dir, file, Build::Tuned(Exactness::Close));
-        assert!(done.softmaxes > 0, "{file}: {done:?}");
+        assert!(done.softmaxes > 0 && done.norms > 0, "{file}: {done:?}");
         let difference = relative_difference(&plain, &tuned);
-        eprintln!("{file}: relative difference {difference:e}");
+        eprintln!("{file}: relative difference {difference:e}, {done:?}");
         assert!(
             difference <= CLOSE,
             "{file}: relative difference {difference:e}"

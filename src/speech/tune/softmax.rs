@@ -154,13 +154,20 @@ fn row_max(row: &[f32]) -> f32 {
 
 /// The sum of `row`, in [`LANES`] running sums added pairwise at the end.
 #[inline(always)]
-fn row_sum(row: &[f32]) -> f32 {
+pub(super) fn row_sum(row: &[f32]) -> f32 {
+    lane_sum(row, |v| v)
+}
+
+/// The sum of `f` over `row`, in [`LANES`] running sums added pairwise at the
+/// end, then the elements past the last full chunk in order.
+#[inline(always)]
+pub(super) fn lane_sum(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut lanes = [0f32; LANES];
     let chunks = row.chunks_exact(LANES);
     let rest = chunks.remainder();
     for chunk in chunks {
         for (s, &v) in lanes.iter_mut().zip(chunk) {
-            *s += v;
+            *s += f(v);
         }
     }
     let mut width = LANES;
@@ -170,21 +177,21 @@ fn row_sum(row: &[f32]) -> f32 {
             lanes[i] += lanes[i + width];
         }
     }
-    rest.iter().fold(lanes[0], |s, &v| s + v)
+    rest.iter().fold(lanes[0], |s, &v| s + f(v))
 }
 
 /// Below this `exp_neg` gives 0: e^-80 is 1.8e-35, and every quotient of a
 /// larger term by a sum of fewer than 1500 terms stays a normal float, so the
 /// softmax never makes subnormals (they cost an assist per element on x86, in
 /// this pass and in the matmul that reads the probabilities).
-const EXP_CUTOFF: f32 = -80.0;
+pub(super) const EXP_CUTOFF: f32 = -80.0;
 
 /// `e^x` for `x <= 0` (NaN stays NaN), Cephes' `expf`: `x = n ln 2 + r` with
 /// `|r| <= ln 2 / 2`, `e^r` by a degree-7 polynomial, `2^n` built in the
 /// exponent bits. Plain multiplications and additions (no FMA), so every
 /// vector width and the scalar build give the same bits.
 #[inline(always)]
-fn exp_neg(x: f32) -> f32 {
+pub(super) fn exp_neg(x: f32) -> f32 {
     // 1.5 * 2^23: adding it rounds to an integer, kept in the low bits.
     const ROUND: f32 = 12_582_912.0;
     // ln 2 in two parts, the first with 9 significant bits so that `n * LN2_HI`
