@@ -258,7 +258,7 @@ pub(crate) fn load_engine(
          {} constant chains folded, {} quantizers vectorised, {} broadcasting element-wise ops \
          run as rows, {} depthwise convolutions run directly, {} int8 activation packings \
          run on the pool, {} int8 matmul sums scaled in one pass, {} softmaxes run as rows, \
-         {} LayerNorms run as rows",
+         {} LayerNorms run as one op each",
         info.encoder_pieces,
         info.encoder_kernels,
         info.loop_simd,

@@ -76,7 +76,7 @@ pub struct Rewrites {
     pub scaled_casts: usize,
     /// Softmaxes run row by row ([`softmax`]).
     pub softmaxes: usize,
-    /// LayerNorms' normalisations run row by row ([`norm`]).
+    /// LayerNorms' normalisations run as one op each ([`norm`]).
     pub norms: usize,
 }
 

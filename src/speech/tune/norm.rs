@@ -1,19 +1,20 @@
-//! LayerNorm's normalisation, one row at a time.
+//! LayerNorm's normalisation as one op over its axis.
 //!
 //! tract lowers each `LayerNormalization` to four nodes: a `Reduce<Sum>` over
-//! the last axis, its product by `1/n`, an `OptSubByScalar` and an `RmsNorm`
-//! (then its own pass for the scale and bias, where they are not 1 and 0). The
-//! sum is a scalar walk on one thread, and every node reads or writes the whole
-//! tensor: 96 of them cost 28–32 ms of a 10 s int8 run on the Intel Xeon of
-//! docs/perf.md. [`AxisNorm`] does the four in one [`super::wide`] loop nest per
-//! row; a row of 768 stays in the L1
-//! cache for its three passes (mean, variance, scale). The conv module's norm
-//! is over the channels of `[1, 768, T]`, not the last axis: there the same
-//! passes run down blocks of columns.
+//! the normalised axis, its product by `1/n`, an `OptSubByScalar` and an
+//! `RmsNorm` (then its own pass for the scale and bias, where they are not 1
+//! and 0). The sum is a scalar walk on one thread, and every node reads or
+//! writes the whole tensor: 96 of them cost ~29 ms of a 10 s int8 run on the
+//! Intel Xeon of docs/perf.md. [`AxisNorm`] does the four in one
+//! [`super::wide`] loop nest per row, which stays in the L1 cache for its
+//! three passes (mean, variance, scale). The conv module's norm is over the
+//! channels of `[1, 768, T]`, not the last axis: there the same passes run
+//! down blocks of columns.
 //!
-//! Its sums are taken in fixed lanes, not in tract's kernel order, so it is not
-//! bit-exact: it is applied with [`super::Exactness::Close`] only, under the same
-//! closeness tests as the softmax.
+//! Its sums are taken in fixed lanes (columns: in row order), not in tract's
+//! kernel order, so it is not bit-exact: it is applied with
+//! [`super::Exactness::Close`] only, under the same closeness tests as the
+//! softmax.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
