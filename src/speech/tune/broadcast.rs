@@ -325,6 +325,7 @@ impl TypedOp for BroadcastBin {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::speech::tune::tests::plan_on;
 
     #[test]
     fn rows_follow_the_broadcast_axis() {
@@ -427,16 +428,7 @@ mod tests {
                         );
                         let want = model.into_runnable().expect("plan").run(inputs());
                         for threads in [1, 2] {
-                            let executor = (threads > 1)
-                                .then(|| tract_linalg::multithread::Executor::multithread(threads));
-                            let plan = tuned
-                                .clone()
-                                .into_runnable_with_options(&RunOptions {
-                                    executor,
-                                    ..Default::default()
-                                })
-                                .expect("plan");
-                            let got = plan.run(inputs()).expect("run");
+                            let got = plan_on(&tuned, threads).run(inputs()).expect("run");
                             let want = want.as_ref().expect("tract ran");
                             assert_eq!(
                                 got[0], want[0],

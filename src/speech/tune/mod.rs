@@ -1028,6 +1028,28 @@ mod tests {
     /// bit-exact, relative to its largest magnitude.
     const CLOSE: f32 = 1e-5;
 
+    /// `model`'s plan with a pool of `threads` (tract's own executor for 1).
+    pub(super) fn plan_on(model: &TypedModel, threads: usize) -> Arc<TypedRunnableModel> {
+        let executor =
+            (threads > 1).then(|| tract_linalg::multithread::Executor::multithread(threads));
+        model
+            .clone()
+            .into_runnable_with_options(&RunOptions {
+                executor,
+                ..Default::default()
+            })
+            .expect("plan")
+    }
+
+    /// The f32 output of `model`, one input, run with a pool of `threads`.
+    pub(super) fn run_f32(model: &TypedModel, input: &Tensor, threads: usize) -> Vec<f32> {
+        let out = plan_on(model, threads)
+            .run(tvec![input.clone().into_tvalue()])
+            .expect("run");
+        let view = out[0].try_as_plain_ram().expect("plain");
+        view.as_slice::<f32>().expect("f32").to_vec()
+    }
+
     /// Repeatable floats in [-1, 1) (a 64-bit LCG).
     pub(super) fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
         move || {

@@ -272,7 +272,7 @@ impl AxisNorm {
 mod tests {
     use super::*;
     use crate::speech::tune::Wide;
-    use crate::speech::tune::tests::uniform;
+    use crate::speech::tune::tests::{run_f32, uniform};
     use tract_onnx::tract_core::ops::math;
 
     const EPS: f32 = 1e-5;
@@ -407,21 +407,6 @@ mod tests {
         model.into_optimized().expect("optimised")
     }
 
-    fn run(model: &TypedModel, input: &Tensor, threads: usize) -> Vec<f32> {
-        let executor =
-            (threads > 1).then(|| tract_linalg::multithread::Executor::multithread(threads));
-        let plan = model
-            .clone()
-            .into_runnable_with_options(&RunOptions {
-                executor,
-                ..Default::default()
-            })
-            .expect("plan");
-        let out = plan.run(tvec![input.clone().into_tvalue()]).expect("run");
-        let view = out[0].try_as_plain_ram().expect("plain");
-        view.as_slice::<f32>().expect("f32").to_vec()
-    }
-
     /// The chain replaced in tract's optimised graph, against tract and f64,
     /// over either axis, with one and two threads in the pool: close, and the
     /// same bits.
@@ -442,7 +427,7 @@ mod tests {
             assert_eq!(replace_layer_norms(&mut replaced).expect("replace"), 1);
             let replaced = replaced.into_compact().expect("compact");
             assert_eq!(replaced.nodes.len(), 2, "{replaced}");
-            let expected = run(&plain, &input, 1);
+            let expected = run_f32(&plain, &input, 1);
             // The f64 norm of each row (or column), laid out as the input.
             let mut want = vec![0f64; data.len()];
             for f in 0..frames {
@@ -454,7 +439,7 @@ mod tests {
             }
             let mut serial = None;
             for threads in [1, 2] {
-                let got = run(&replaced, &input, threads);
+                let got = run_f32(&replaced, &input, threads);
                 for (i, ((&g, &e), &w)) in got.iter().zip(&expected).zip(&want).enumerate() {
                     assert!(
                         (g - e).abs() <= 1e-5 && (f64::from(g) - w).abs() <= 1e-5,

@@ -225,7 +225,7 @@ pub(super) fn exp_neg(x: f32) -> f32 {
 mod tests {
     use super::*;
     use crate::speech::tune::Wide;
-    use crate::speech::tune::tests::uniform;
+    use crate::speech::tune::tests::{run_f32, uniform};
 
     /// Relative error of `got` against the f64 value `want`.
     fn relative(got: f32, want: f64) -> f64 {
@@ -352,16 +352,6 @@ mod tests {
         model.into_optimized().expect("optimised")
     }
 
-    fn run(model: TypedModel, input: &Tensor) -> Vec<f32> {
-        let out = model
-            .into_runnable()
-            .expect("plan")
-            .run(tvec![input.clone().into_tvalue()])
-            .expect("run");
-        let view = out[0].try_as_plain_ram().expect("plain");
-        view.as_slice::<f32>().expect("f32").to_vec()
-    }
-
     /// tract's softmax against the graph with it replaced, on one and two
     /// threads: within a few units in the last place, and the same bits on
     /// either pool.
@@ -376,13 +366,10 @@ mod tests {
         assert_eq!(replace_softmaxes(&mut replaced).expect("replace"), 1);
         let replaced = replaced.into_compact().expect("compact");
         assert!(!replaced.nodes.iter().any(|n| n.op_is::<Softmax>()));
-        let expected = run(plain, &input);
+        let expected = run_f32(&plain, &input, 1);
         let mut serial = None;
         for threads in [1, 2] {
-            let executor = tract_linalg::multithread::Executor::multithread(threads);
-            let got = tract_linalg::multithread::multithread_tract_scope(executor, || {
-                run(replaced.clone(), &input)
-            });
+            let got = run_f32(&replaced, &input, threads);
             for (i, (&g, &e)) in got.iter().zip(&expected).enumerate() {
                 let close = (g - e).abs() <= 8.0 * f32::EPSILON * e.abs() || (g - e).abs() < 1e-30;
                 assert!(
