@@ -1188,7 +1188,7 @@ mod tests {
     /// read) on the same input: the outputs must be the same bits, and the
     /// rewrites must have found something to do (or this proves nothing).
     fn same_bits_with_and_without(file: &str) -> Rewrites {
-        // Without the softmax, the one rewrite that changes bits.
+        // Without the softmax and the LayerNorm, the rewrites that change bits.
         same_bits_in("models/gigaam-v3-tiny-random", file)
     }
 

@@ -6,8 +6,8 @@
 //! round that cost 5–7 ms per layer (int8, 10 s: 83 ms of 880). [`RowSoftmax`]
 //! runs whole rows in [`super::wide`] loops, rows split across the pool.
 //!
-//! This is the one rewrite that changes bits: tract's `exp` is its own
-//! polynomial, inside its kernels. Ours ([`exp_neg`]) is Cephes' single
+//! It changes bits (as the LayerNorm, [`super::norm`], does): tract's `exp` is
+//! its own polynomial, inside its kernels. Ours ([`exp_neg`]) is Cephes' single
 //! precision one, within two units in the last place of the true value. The
 //! tests bound each row against f64, the fp32 encoder output within 1e-5 of
 //! tract's, the int8 one no further from fp32 than tract's own int8, and the
@@ -184,14 +184,14 @@ pub(super) fn lane_sum(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 /// larger term by a sum of fewer than 1500 terms stays a normal float, so the
 /// softmax never makes subnormals (they cost an assist per element on x86, in
 /// this pass and in the matmul that reads the probabilities).
-pub(super) const EXP_CUTOFF: f32 = -80.0;
+const EXP_CUTOFF: f32 = -80.0;
 
 /// `e^x` for `x <= 0` (NaN stays NaN), Cephes' `expf`: `x = n ln 2 + r` with
 /// `|r| <= ln 2 / 2`, `e^r` by a degree-7 polynomial, `2^n` built in the
 /// exponent bits. Plain multiplications and additions (no FMA), so every
 /// vector width and the scalar build give the same bits.
 #[inline(always)]
-pub(super) fn exp_neg(x: f32) -> f32 {
+fn exp_neg(x: f32) -> f32 {
     // 1.5 * 2^23: adding it rounds to an integer, kept in the low bits.
     const ROUND: f32 = 12_582_912.0;
     // ln 2 in two parts, the first with 9 significant bits so that `n * LN2_HI`
