@@ -258,7 +258,7 @@ pub(crate) fn load_engine(
          {} constant chains folded, {} quantizers vectorised, {} broadcasting element-wise ops \
          run as rows, {} depthwise convolutions run directly, {} int8 activation packings \
          run on the pool, {} int8 matmul sums scaled in one pass, {} softmaxes run as rows, \
-         {} LayerNorms run as one op each",
+         {} LayerNorms run as one op each ({} with their scale and bias)",
         info.encoder_pieces,
         info.encoder_kernels,
         info.loop_simd,
@@ -273,7 +273,8 @@ pub(crate) fn load_engine(
         r.packs,
         r.scaled_casts,
         r.softmaxes,
-        r.norms
+        r.norms,
+        r.scaled_norms
     );
     if info.is_test_model {
         log::warn!(

@@ -78,6 +78,8 @@ pub struct Rewrites {
     pub softmaxes: usize,
     /// LayerNorms' normalisations run as one op each ([`norm`]).
     pub norms: usize,
+    /// Of those, the ones that apply the LayerNorm's scale and bias too.
+    pub scaled_norms: usize,
 }
 
 impl Rewrites {
@@ -95,6 +97,7 @@ impl Rewrites {
         self.scaled_casts += other.scaled_casts;
         self.softmaxes += other.softmaxes;
         self.norms += other.norms;
+        self.scaled_norms += other.scaled_norms;
     }
 }
 
@@ -138,7 +141,9 @@ pub fn rewrite_optimized(
     done.serialized += serialize_row_loops(model);
     if exactness == Exactness::Close {
         // Before the broadcasting ops: the norm's chain has one.
-        done.norms += norm::replace_layer_norms(model)?;
+        let (norms, scaled) = norm::replace_layer_norms(model)?;
+        done.norms += norms;
+        done.scaled_norms += scaled;
     }
     done.broadcasts += broadcast::replace_broadcast_binops(model)?;
     done.packs += pack::replace_i8_packs(model)?;
@@ -1275,7 +1280,9 @@ mod tests {
     #[test]
     fn all_rewrites_keep_the_encoder_output_close() {
         let dir = "models/gigaam-v3-tiny-random";
-        assert_close(dir, "v3_e2e_rnnt_encoder.onnx");
+        let done = assert_close(dir, "v3_e2e_rnnt_encoder.onnx");
+        // Its LayerNorms have a scale and bias, as a trained model's do.
+        assert_eq!(done.scaled_norms, done.norms, "{done:?}");
         assert_int8_as_close_to_fp32(dir);
     }
 
@@ -1344,8 +1351,9 @@ mod tests {
         );
     }
 
-    /// `dir/file` with every rewrite within [`CLOSE`] of tract's output.
-    fn assert_close(dir: &str, file: &str) {
+    /// `dir/file` with every rewrite within [`CLOSE`] of tract's output;
+    /// returns what the rewrites did.
+    fn assert_close(dir: &str, file: &str) -> Rewrites {
         let (plain, tuned, done) = plain_and_tuned(dir, file, Build::Tuned(Exactness::Close));
         assert!(done.softmaxes > 0 && done.norms > 0, "{file}: {done:?}");
         let difference = relative_difference(&plain, &tuned);
@@ -1354,6 +1362,7 @@ mod tests {
             difference <= CLOSE,
             "{file}: relative difference {difference:e}"
         );
+        done
     }
 
     /// The same for the full-size fp32 encoder (re-targeted kernels, direct

@@ -2,12 +2,13 @@
 //!
 //! tract lowers each `LayerNormalization` to four nodes: a `Reduce<Sum>` over
 //! the normalised axis, its product by `1/n`, an `OptSubByScalar` and an
-//! `RmsNorm` (then its own pass for the scale and bias, where they are not 1
-//! and 0). The sum is a scalar walk on one thread, and every node reads or
-//! writes the whole tensor: 96 of them cost ~29 ms of a 10 s int8 run on the
-//! Intel Xeon of docs/perf.md. [`AxisNorm`] does the four in one
-//! [`super::wide`] loop nest per row, which stays in the L1 cache for its
-//! three passes (mean, variance, scale). The conv module's norm is over the
+//! `RmsNorm`, then its own pass for the scale and bias where they are not 1
+//! and 0 (a trained model's never are). The sum is a scalar walk on one
+//! thread, and every node reads or writes the whole tensor: 96 of them cost
+//! ~29 ms of a 10 s int8 run on the Intel Xeon of docs/perf.md. [`AxisNorm`]
+//! does the four in one [`super::wide`] loop nest per row, which stays in the
+//! L1 cache for its three passes (mean, variance, scale), and applies the
+//! scale and bias in the last of them. The conv module's norm is over the
 //! channels of `[1, 768, T]`, not the last axis: there the same passes run
 //! down blocks of columns.
 //!
@@ -18,35 +19,53 @@
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::binary::{OptBinByScalar, OptBinUnicast, TypedBinOp};
+use tract_onnx::tract_core::ops::binary::{OptBinByScalar, OptBinChain, OptBinUnicast, TypedBinOp};
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer, RmsNorm};
 
 use super::softmax::{lane_sum, row_sum};
 
 /// Replaces each f32 `Reduce<Sum>` → `Mul` by a constant → `Sub` → `RmsNorm`
-/// chain over one axis (tract's lowered LayerNorm) with [`AxisNorm`]. Returns
-/// how many were replaced.
-pub fn replace_layer_norms(model: &mut TypedModel) -> TractResult<usize> {
-    let mut done = 0;
+/// chain over one axis (tract's lowered LayerNorm) with [`AxisNorm`], with
+/// the scale and bias that follow it when nothing else reads the normalised
+/// tensor. Returns how many were replaced, and how many of those with their
+/// scale and bias.
+pub fn replace_layer_norms(model: &mut TypedModel) -> TractResult<(usize, usize)> {
+    let (mut done, mut scaled) = (0, 0);
     for id in 0..model.nodes.len() {
-        let Some((input, op)) = AxisNorm::for_node(model, &model.nodes[id])? else {
+        let Some((input, mut op)) = AxisNorm::for_node(model, &model.nodes[id])? else {
             continue;
         };
-        if super::replace_node(model, id, op, &[input])? {
+        let mut last = id;
+        if let Some((affine, node)) = affine_after(model, OutletId::new(id, 0), op.axis)? {
+            op.affine = Some(affine);
+            last = node;
+        }
+        let has_affine = op.affine.is_some();
+        if super::replace_node(model, last, op, &[input])? {
             done += 1;
+            scaled += usize::from(has_affine);
         }
     }
-    Ok(done)
+    Ok((done, scaled))
 }
 
 /// `(x - mean) / sqrt(mean((x - mean)²) + eps)` over one axis of an f32
-/// tensor, with `mean = sum * recip` as tract's lowering computes it.
+/// tensor, with `mean = sum * recip` as tract's lowering computes it, then
+/// scaled and shifted per position along the axis where the model does.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AxisNorm {
     axis: usize,
     /// The constant tract multiplies the sum by (`1/n` in f32).
     recip: f32,
     eps: f32,
+    affine: Option<Affine>,
+}
+
+/// A LayerNorm's scale and bias: one of each per position along its axis.
+#[derive(Debug, Clone, PartialEq)]
+struct Affine {
+    scale: Vec<f32>,
+    bias: Vec<f32>,
 }
 
 impl Eq for AxisNorm {}
@@ -113,8 +132,105 @@ impl AxisNorm {
             return Ok(None);
         }
         let eps = rms.eps.cast_to_scalar::<f32>()?;
-        Ok(Some((x, AxisNorm { axis, recip, eps })))
+        let op = AxisNorm {
+            axis,
+            recip,
+            eps,
+            affine: None,
+        };
+        Ok(Some((x, op)))
     }
+}
+
+/// The scale and bias applied to `norm` (a normalisation over `axis`), and
+/// the node that outputs the result: the sole reader of `norm` is tract's
+/// fused `OptBinChain(Mul+Add)`, or a `Mul` whose sole reader is an `Add`,
+/// each by a constant laid along the axis. tract computes `norm * scale`,
+/// rounds, then adds the bias; [`AxisNorm`] does the same two operations.
+fn affine_after(
+    model: &TypedModel,
+    norm: OutletId,
+    axis: usize,
+) -> TractResult<Option<(Affine, usize)>> {
+    let outputs = model.output_outlets()?;
+    let sole_reader = |outlet: OutletId| -> Option<&TypedNode> {
+        let successors = &model.nodes[outlet.node].outputs[outlet.slot].successors;
+        match successors.as_slice() {
+            [inlet] if !outputs.contains(&outlet) => Some(&model.nodes[inlet.node]),
+            _ => None,
+        }
+    };
+    let fact = model.outlet_fact(norm)?;
+    let Ok(len) = fact.shape[axis].to_usize() else {
+        return Ok(None);
+    };
+    // The constant operand of `node` along the axis, where its other operand
+    // is `from`.
+    let along = |node: &TypedNode, from: OutletId| -> TractResult<Option<Vec<f32>>> {
+        let [a, b] = node.inputs.as_slice() else {
+            return Ok(None);
+        };
+        let other = if *a == from {
+            *b
+        } else if *b == from {
+            *a
+        } else {
+            return Ok(None);
+        };
+        constant_along(model, other, fact.rank(), axis, len)
+    };
+    let Some(reader) = sole_reader(norm) else {
+        return Ok(None);
+    };
+    if let Some(chain) = reader.op_as::<OptBinChain>() {
+        let names: Vec<_> = chain.steps.iter().map(|s| s.binop.name()).collect();
+        if names != ["Mul", "Add"] || reader.inputs.len() != 3 || reader.inputs[0] != norm {
+            return Ok(None);
+        }
+        let scale = constant_along(model, reader.inputs[1], fact.rank(), axis, len)?;
+        let bias = constant_along(model, reader.inputs[2], fact.rank(), axis, len)?;
+        return Ok(scale
+            .zip(bias)
+            .map(|(scale, bias)| (Affine { scale, bias }, reader.id)));
+    }
+    if bin_name(reader) != Some("Mul") {
+        return Ok(None);
+    }
+    let Some(scale) = along(reader, norm)? else {
+        return Ok(None);
+    };
+    let scaled = OutletId::new(reader.id, 0);
+    let Some(add) = sole_reader(scaled).filter(|n| bin_name(n) == Some("Add")) else {
+        return Ok(None);
+    };
+    let Some(bias) = along(add, scaled)? else {
+        return Ok(None);
+    };
+    Ok(Some((Affine { scale, bias }, add.id)))
+}
+
+/// The values of `outlet` when it is an f32 constant of rank `rank` that is
+/// `len` long on `axis` and 1 on every other axis.
+fn constant_along(
+    model: &TypedModel,
+    outlet: OutletId,
+    rank: usize,
+    axis: usize,
+    len: usize,
+) -> TractResult<Option<Vec<f32>>> {
+    let Some(k) = &model.outlet_fact(outlet)?.konst else {
+        return Ok(None);
+    };
+    let laid = k.datum_type() == DatumType::F32
+        && k.rank() == rank
+        && k.shape()
+            .iter()
+            .enumerate()
+            .all(|(ax, &d)| d == if ax == axis { len } else { 1 });
+    if !laid {
+        return Ok(None);
+    }
+    Ok(Some(k.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()))
 }
 
 /// The element-wise operation of a tract binary node, in any of the forms its
@@ -135,6 +251,15 @@ impl Op for AxisNorm {
         "AxisNorm".into()
     }
 
+    fn info(&self) -> TractResult<Vec<String>> {
+        let affine = if self.affine.is_some() {
+            ", scale and bias"
+        } else {
+            ""
+        };
+        Ok(vec![format!("axis {}{affine}", self.axis)])
+    }
+
     op_as_typed_op!();
 }
 
@@ -150,6 +275,13 @@ impl EvalOp for AxisNorm {
             self.axis
         );
         let len = shape[self.axis];
+        if let Some(affine) = &self.affine {
+            ensure!(
+                affine.scale.len() == len && affine.bias.len() == len,
+                "AxisNorm: a scale and bias of {} for an axis of {len}",
+                affine.scale.len()
+            );
+        }
         let inner: usize = shape[self.axis + 1..].iter().product();
         // tract's tensors are dense in logical order: the slice is blocks of
         // `len` rows of `inner`.
@@ -228,8 +360,18 @@ impl AxisNorm {
         }
         let squares = lane_sum(row, |v| v * v);
         let scale = 1.0 / (squares / row.len() as f32 + self.eps).sqrt();
-        for x in row.iter_mut() {
-            *x *= scale;
+        match &self.affine {
+            None => {
+                for x in row.iter_mut() {
+                    *x *= scale;
+                }
+            }
+            // Left to right, as tract's two passes round: ((x · s) · g) + b.
+            Some(a) => {
+                for ((x, &g), &b) in row.iter_mut().zip(&a.scale).zip(&a.bias) {
+                    *x = *x * scale * g + b;
+                }
+            }
         }
     }
 
@@ -260,9 +402,20 @@ impl AxisNorm {
         for q in scales.iter_mut() {
             *q = 1.0 / (*q / n + self.eps).sqrt();
         }
-        for row in block.chunks_exact_mut(inner) {
-            for (v, &scale) in row[range.clone()].iter_mut().zip(scales.iter()) {
-                *v *= scale;
+        for (r, row) in block.chunks_exact_mut(inner).enumerate() {
+            let part = row[range.clone()].iter_mut().zip(scales.iter());
+            match &self.affine {
+                None => {
+                    for (v, &scale) in part {
+                        *v *= scale;
+                    }
+                }
+                Some(a) => {
+                    let (g, b) = (a.scale[r], a.bias[r]);
+                    for (v, &scale) in part {
+                        *v = *v * scale * g + b;
+                    }
+                }
             }
         }
     }
@@ -295,6 +448,16 @@ mod tests {
             axis: 0,
             recip: 1.0 / len as f32,
             eps: EPS,
+            affine: None,
+        }
+    }
+
+    /// A scale near 1 and a bias near 0 for each of `len` positions, as a
+    /// trained LayerNorm has.
+    fn affine(len: usize) -> Affine {
+        Affine {
+            scale: (0..len).map(|i| 1.0 + 0.1 * (i as f32).sin()).collect(),
+            bias: (0..len).map(|i| 0.05 * (i as f32).cos()).collect(),
         }
     }
 
@@ -347,33 +510,45 @@ mod tests {
         for len in [1usize, 7, 16, 33, 768] {
             for inner in [1usize, 70] {
                 let data: Vec<f32> = (0..len * inner * 3).map(|_| 2.0 + rnd() * 6.0).collect();
-                let mut plain = data.clone();
-                let op = op(len);
-                Blocks {
-                    xs: &mut plain,
-                    len,
-                    inner,
-                    op: &op,
+                for scaled in [false, true] {
+                    let mut op = op(len);
+                    op.affine = scaled.then(|| affine(len));
+                    let mut plain = data.clone();
+                    Blocks {
+                        xs: &mut plain,
+                        len,
+                        inner,
+                        op: &op,
+                    }
+                    .run();
+                    let mut vector = data.clone();
+                    super::super::wide(Blocks {
+                        xs: &mut vector,
+                        len,
+                        inner,
+                        op: &op,
+                    });
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert!(
+                        bits(&vector) == bits(&plain),
+                        "len {len}, inner {inner}, scaled {scaled}"
+                    );
                 }
-                .run();
-                let mut vector = data;
-                super::super::wide(Blocks {
-                    xs: &mut vector,
-                    len,
-                    inner,
-                    op: &op,
-                });
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert!(bits(&vector) == bits(&plain), "len {len}, inner {inner}");
             }
         }
     }
 
     /// tract's lowered LayerNorm over `len` (`T` symbolic, as gigastt loads),
     /// optimised: of `[1, T, len]` over the last axis, or of `[1, len, T]`
-    /// over the middle one (the conv module's). With `shared_mean` the mean
-    /// is also an output, so the chain must stay.
-    fn norm_graph(len: usize, last: bool, shared_mean: bool) -> TypedModel {
+    /// over the middle one (the conv module's), then scaled and shifted by
+    /// `affine`. With `shared_mean` the mean is also an output, so the chain
+    /// must stay.
+    fn norm_graph(
+        len: usize,
+        last: bool,
+        shared_mean: bool,
+        affine: Option<&Affine>,
+    ) -> TypedModel {
         let mut model = TypedModel::default();
         let t: TDim = model.symbols.sym("T").into();
         let (shape, axis) = if last {
@@ -398,7 +573,21 @@ mod tests {
             axis,
             eps: tensor0(EPS).into_arc_tensor(),
         };
-        let out = model.wire_node("norm", rms, &d).expect("norm");
+        let mut out = model.wire_node("norm", rms, &d).expect("norm");
+        if let Some(a) = affine {
+            let along = |v: &[f32]| {
+                let shape = if last { [1, 1, len] } else { [1, len, 1] };
+                Tensor::from_shape(&shape, v).expect("along")
+            };
+            let scale = model.add_const("scale", along(&a.scale)).expect("scale");
+            let bias = model.add_const("bias", along(&a.bias)).expect("bias");
+            out = model
+                .wire_node("scaled", math::mul(), &[out[0], scale])
+                .expect("scaled");
+            out = model
+                .wire_node("shifted", math::add(), &[out[0], bias])
+                .expect("shifted");
+        }
         let mut outputs = out.to_vec();
         if shared_mean {
             outputs.push(mean[0]);
@@ -408,23 +597,26 @@ mod tests {
     }
 
     /// The chain replaced in tract's optimised graph, against tract and f64,
-    /// over either axis, with one and two threads in the pool: close, and the
-    /// same bits.
+    /// over either axis, with and without a scale and bias, with one and two
+    /// threads in the pool: close, and the same bits.
     #[test]
     fn close_to_tract_s_layer_norm_on_any_pool() {
         let (frames, len) = (300usize, 768usize);
         let mut rnd = uniform(25);
         let data: Vec<f32> = (0..frames * len).map(|_| 1.5 + rnd() * 4.0).collect();
-        for last in [true, false] {
+        let trained = affine(len);
+        for (last, scaled) in [(true, false), (false, false), (true, true), (false, true)] {
+            let affine = scaled.then_some(&trained);
             let shape = if last {
                 [1, frames, len]
             } else {
                 [1, len, frames]
             };
             let input = Tensor::from_shape(&shape, &data).expect("input");
-            let plain = norm_graph(len, last, false);
+            let plain = norm_graph(len, last, false, affine);
             let mut replaced = plain.clone();
-            assert_eq!(replace_layer_norms(&mut replaced).expect("replace"), 1);
+            let done = replace_layer_norms(&mut replaced).expect("replace");
+            assert_eq!(done, (1, usize::from(scaled)));
             let replaced = replaced.into_compact().expect("compact");
             assert_eq!(replaced.nodes.len(), 2, "{replaced}");
             let expected = run_f32(&plain, &input, 1);
@@ -434,7 +626,10 @@ mod tests {
                 let index = |c: usize| if last { f * len + c } else { c * frames + f };
                 let row: Vec<f32> = (0..len).map(|c| data[index(c)]).collect();
                 for (c, v) in reference(&row).into_iter().enumerate() {
-                    want[index(c)] = v;
+                    want[index(c)] = match affine {
+                        Some(a) => v * f64::from(a.scale[c]) + f64::from(a.bias[c]),
+                        None => v,
+                    };
                 }
             }
             let mut serial = None;
@@ -443,7 +638,8 @@ mod tests {
                 for (i, ((&g, &e), &w)) in got.iter().zip(&expected).zip(&want).enumerate() {
                     assert!(
                         (g - e).abs() <= 1e-5 && (f64::from(g) - w).abs() <= 1e-5,
-                        "last {last}, {threads} threads, [{i}]: {g}, tract's {e}, f64 {w}"
+                        "last {last}, scaled {scaled}, {threads} threads, [{i}]: {g}, \
+                         tract's {e}, f64 {w}"
                     );
                 }
                 let bits: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
@@ -456,8 +652,8 @@ mod tests {
     #[test]
     fn a_shared_mean_is_left_alone() {
         for last in [true, false] {
-            let mut model = norm_graph(16, last, true);
-            assert_eq!(replace_layer_norms(&mut model).expect("replace"), 0);
+            let mut model = norm_graph(16, last, true, None);
+            assert_eq!(replace_layer_norms(&mut model).expect("replace"), (0, 0));
         }
     }
 }
