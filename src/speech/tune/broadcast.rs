@@ -99,6 +99,11 @@ impl BroadcastBin {
         })
     }
 
+    /// Which input is the full operand, when this is an f32 `Add`.
+    pub(super) fn f32_add_to(&self) -> Option<usize> {
+        (self.arith == Arith::Add && self.datum_type == DatumType::F32).then_some(self.full)
+    }
+
     /// Whether the run-time operands fit the row walk.
     fn fits(&self, full: &Tensor, other: &Tensor) -> bool {
         full.datum_type() == self.datum_type

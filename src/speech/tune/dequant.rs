@@ -5,52 +5,60 @@
 //! a `[T, 3072]` tensor, the cast on the calling thread (int8, 10 s, two
 //! threads: 14 + 6 ms of 204, the cast slower than on one thread, as it reads
 //! what both cores' kernels wrote). [`ScaledCast`] does both, rows split
-//! across the pool. Each element is the same conversion (`i32 as f32`, round
-//! to nearest even) and the same single IEEE multiplication, so the bits are
-//! the same.
+//! across the pool, and where the product's one reader adds the layer's bias
+//! (a [`BroadcastBin`] `Add`, a third pass), it adds that too. Each element is
+//! the same conversion (`i32 as f32`, round to nearest even), the same single
+//! IEEE multiplication and the same addition, so the bits are the same.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::OptBinUnicast;
 use tract_onnx::tract_core::ops::cast::Cast;
 
-use super::broadcast::{Operand, Rows, fit_rows};
+use super::broadcast::{BroadcastBin, Operand, Rows, fit_rows};
 
 /// Replaces each f32 `OptMulUnicast` of an optimised graph one of whose
 /// operands is a `Cast` from i32 read by nothing else with [`ScaledCast`] on
-/// the cast's input. Returns how many were replaced.
-pub fn replace_scaled_casts(model: &mut TypedModel) -> TractResult<usize> {
-    let mut done = 0;
+/// the cast's input, with the bias its product's sole reader adds. Returns how
+/// many were replaced, and how many of those with a bias.
+pub fn replace_scaled_casts(model: &mut TypedModel) -> TractResult<(usize, usize)> {
+    let (mut done, mut biased) = (0, 0);
     for id in 0..model.nodes.len() {
-        let Some((op, inputs)) = ScaledCast::for_node(model, &model.nodes[id])? else {
+        let Some((op, inputs, last)) = ScaledCast::for_node(model, &model.nodes[id])? else {
             continue;
         };
-        if super::replace_node(model, id, op, &inputs)? {
+        let has_bias = op.bias.is_some();
+        if super::replace_node(model, last, op, &inputs)? {
             done += 1;
+            biased += usize::from(has_bias);
         }
     }
-    Ok(done)
+    Ok((done, biased))
 }
 
-/// `(sums as f32) * scales`: `sums` an i32 tensor, `scales` an f32 one that
-/// broadcasts into it. Inputs in the multiplication's order; operands it does
-/// not fit at run time (other shapes, strides) go to a cast and the tract op
-/// it replaced.
+/// `(sums as f32) * scales`, then `+ bias` where the graph adds one: `sums`
+/// an i32 tensor, `scales` and `bias` f32 ones that broadcast into it. Inputs
+/// in the multiplication's order, then the bias; operands it does not fit at
+/// run time (other shapes, strides) go to a cast and the tract ops it
+/// replaced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScaledCast {
     /// Which input holds the sums (0 or 1).
     sums: usize,
     original: OptBinUnicast,
+    /// The bias `Add` on the product, which is its input `full`.
+    bias: Option<BroadcastBin>,
 }
 
 impl ScaledCast {
-    /// The op for node `node` and the outlets it reads, when the node is an
-    /// f32 `OptMulUnicast` of a cast from i32 (read by nothing else) and a
-    /// same-rank f32 operand that broadcasts into it.
+    /// The op for node `node`, the outlets it reads and the node whose output
+    /// it replaces, when the node is an f32 `OptMulUnicast` of a cast from i32
+    /// (read by nothing else) and a same-rank f32 operand that broadcasts into
+    /// it: the node itself, or the bias `Add` that is its sole reader.
     fn for_node(
         model: &TypedModel,
         node: &TypedNode,
-    ) -> TractResult<Option<(ScaledCast, TVec<OutletId>)>> {
+    ) -> TractResult<Option<(ScaledCast, TVec<OutletId>, usize)>> {
         let Some(mul) = node.op_as::<OptBinUnicast>() else {
             return Ok(None);
         };
@@ -77,24 +85,36 @@ impl ScaledCast {
             if from_i32 && alone && broadcasts {
                 let mut inputs: TVec<OutletId> = node.inputs.iter().copied().collect();
                 inputs[sums] = cast.inputs[0];
-                let op = ScaledCast {
+                let mut op = ScaledCast {
                     sums,
                     original: mul.clone(),
+                    bias: None,
                 };
-                return Ok(Some((op, inputs)));
+                let mut last = node.id;
+                if let Some((add, bias)) = bias_add(model, node)? {
+                    op.bias = Some(add.clone());
+                    inputs.push(bias);
+                    last = model.nodes[node.outputs[0].successors[0].node].id;
+                }
+                return Ok(Some((op, inputs, last)));
             }
         }
         Ok(None)
     }
 
-    /// The product into a new tensor of the sums' shape, rows split across
-    /// the pool.
-    fn run(sums: &Tensor, scales: &Tensor) -> TractResult<Tensor> {
+    /// The product (plus `bias`) into a new tensor of the sums' shape, rows
+    /// split across the pool. A bias comes with rows of the scales' length.
+    fn run(sums: &Tensor, scales: &Tensor, bias: Option<&Tensor>) -> TractResult<Tensor> {
         let rows = Rows::new(sums.shape(), scales.shape());
         let sums_view = sums.try_as_plain_ram()?;
         let xs = sums_view.as_slice::<i32>()?;
         let scales = scales.try_as_plain_ram()?;
         let ys = scales.as_slice::<f32>()?;
+        let bias_view = bias.map(|b| b.try_as_plain_ram()).transpose()?;
+        let bias = match (bias, &bias_view) {
+            (Some(b), Some(view)) => Some((Rows::new(sums.shape(), b.shape()), view.as_slice()?)),
+            _ => None,
+        };
         let mut out = Tensor::zero::<f32>(sums.shape())?;
         {
             let mut out_view = out.try_as_plain_ram_mut()?;
@@ -114,6 +134,7 @@ impl ScaledCast {
                         chunk,
                         xs,
                         ys,
+                        bias: bias.as_ref().map(|(rows, bs)| (rows, *bs)),
                     });
                     Ok(())
                 },
@@ -123,15 +144,55 @@ impl ScaledCast {
     }
 }
 
-/// `i32 as f32` times its scale, over output rows `first_row..` in `chunk`,
-/// as [`super::wide`] work. A converted i32 is never NaN, so the product is
-/// the same in either operand order.
+/// The bias `Add` that is the sole reader of `mul`'s product, with the
+/// outlet of its other operand.
+fn bias_add<'m>(
+    model: &'m TypedModel,
+    mul: &TypedNode,
+) -> TractResult<Option<(&'m BroadcastBin, OutletId)>> {
+    let product = OutletId::new(mul.id, 0);
+    let [reader] = mul.outputs[0].successors.as_slice() else {
+        return Ok(None);
+    };
+    if model.output_outlets()?.contains(&product) {
+        return Ok(None);
+    }
+    let add = &model.nodes[reader.node];
+    let Some(op) = add.op_as::<BroadcastBin>() else {
+        return Ok(None);
+    };
+    match op.f32_add_to() {
+        Some(full) if add.inputs.len() == 2 && add.inputs[full] == product => {
+            Ok(Some((op, add.inputs[1 - full])))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Whether `bias` can join the row walk of `sums` by `scales`: it fits the
+/// rows, and each row meets a row of it as long as the scales' rows.
+fn fits_with_bias(sums: &Tensor, scales: &Tensor, bias: &Tensor) -> bool {
+    if bias.datum_type() != DatumType::F32 || !fit_rows(sums, bias) {
+        return false;
+    }
+    let (by_scale, by_bias) = (
+        Rows::new(sums.shape(), scales.shape()),
+        Rows::new(sums.shape(), bias.shape()),
+    );
+    !by_bias.scalar && by_bias.len == by_scale.len
+}
+
+/// `i32 as f32` times its scale, plus its bias where there is one, over
+/// output rows `first_row..` in `chunk`, as [`super::wide`] work. A
+/// converted i32 is never NaN, so the product is the same in either operand
+/// order; the sum is `product + bias`, as [`BroadcastBin`] adds.
 struct ScaleRows<'a> {
     rows: &'a Rows,
     first_row: usize,
     chunk: &'a mut [f32],
     xs: &'a [i32],
     ys: &'a [f32],
+    bias: Option<(&'a Rows, &'a [f32])>,
 }
 
 impl super::Wide for ScaleRows<'_> {
@@ -143,17 +204,30 @@ impl super::Wide for ScaleRows<'_> {
         for (row, to) in self.chunk.chunks_exact_mut(rows.len).enumerate() {
             let row = self.first_row + row;
             let from = &self.xs[row * rows.len..(row + 1) * rows.len];
-            match rows.operand(self.ys, row) {
-                Operand::Scalar(y) => {
+            let bias = self.bias.map(|(rows, bs)| rows.operand(bs, row));
+            match (rows.operand(self.ys, row), bias) {
+                (Operand::Scalar(y), None) => {
                     for (o, x) in to.iter_mut().zip(from) {
                         *o = *x as f32 * y;
                     }
                 }
-                Operand::Row(ys) => {
+                (Operand::Row(ys), None) => {
                     for ((o, x), y) in to.iter_mut().zip(from).zip(ys) {
                         *o = *x as f32 * *y;
                     }
                 }
+                (Operand::Scalar(y), Some(Operand::Row(bs))) => {
+                    for ((o, x), b) in to.iter_mut().zip(from).zip(bs) {
+                        *o = *x as f32 * y + *b;
+                    }
+                }
+                (Operand::Row(ys), Some(Operand::Row(bs))) => {
+                    for (((o, x), y), b) in to.iter_mut().zip(from).zip(ys).zip(bs) {
+                        *o = *x as f32 * *y + *b;
+                    }
+                }
+                // `fits_with_bias` keeps a scalar bias off this walk.
+                (_, Some(Operand::Scalar(_))) => unreachable!("a scalar bias on the row walk"),
             }
         }
     }
@@ -171,6 +245,11 @@ impl EvalOp for ScaledCast {
     op_out_of_plan!();
 
     fn eval(&self, ctx: &EvalContext, mut inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        ensure!(
+            inputs.len() == 2 + usize::from(self.bias.is_some()),
+            "ScaledCast on {} inputs",
+            inputs.len()
+        );
         let (sums, scales) = (&inputs[self.sums], &inputs[1 - self.sums]);
         ensure!(
             sums.datum_type() == DatumType::I32 && scales.datum_type() == DatumType::F32,
@@ -178,20 +257,53 @@ impl EvalOp for ScaledCast {
             sums.datum_type(),
             scales.datum_type()
         );
-        if !fit_rows(sums, scales) {
-            let cast = sums.cast_to::<f32>()?.into_owned().into_tvalue();
-            inputs[self.sums] = cast;
-            return self.original.eval(ctx, inputs);
+        let bias = inputs.get(2);
+        let fits =
+            fit_rows(sums, scales) && bias.is_none_or(|bias| fits_with_bias(sums, scales, bias));
+        if fits {
+            return Ok(tvec!(
+                Self::run(sums, scales, bias.map(|b| &**b))?.into_tvalue()
+            ));
         }
-        Ok(tvec!(Self::run(sums, scales)?.into_tvalue()))
+        let bias = if self.bias.is_some() {
+            inputs.pop()
+        } else {
+            None
+        };
+        let cast = inputs[self.sums]
+            .cast_to::<f32>()?
+            .into_owned()
+            .into_tvalue();
+        inputs[self.sums] = cast;
+        let product = self.original.eval(ctx, inputs)?.remove(0);
+        match (&self.bias, bias) {
+            (Some(add), Some(bias)) => {
+                let full = add
+                    .f32_add_to()
+                    .context("ScaledCast: a bias that is not an add")?;
+                let operands = if full == 0 {
+                    tvec![product, bias]
+                } else {
+                    tvec![bias, product]
+                };
+                add.eval(ctx, operands)
+            }
+            _ => Ok(tvec!(product)),
+        }
     }
 }
 
 impl TypedOp for ScaledCast {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 2 + usize::from(self.bias.is_some()));
         let sums = inputs[self.sums];
         ensure!(sums.datum_type == DatumType::I32);
         ensure!(inputs[1 - self.sums].datum_type == DatumType::F32);
+        ensure!(
+            inputs
+                .get(2)
+                .is_none_or(|bias| bias.datum_type == DatumType::F32)
+        );
         Ok(tvec!(f32::fact(sums.shape.clone())))
     }
 
@@ -220,11 +332,12 @@ mod tests {
         model.into_optimized().expect("optimised")
     }
 
-    fn bits(model: TypedModel, sums: &Tensor) -> Vec<u32> {
+    fn bits(model: TypedModel, inputs: &[&Tensor]) -> Vec<u32> {
+        let inputs = inputs.iter().map(|t| (*t).clone().into_tvalue()).collect();
         let out = model
             .into_runnable()
             .expect("plan")
-            .run(tvec![sums.clone().into_tvalue()])
+            .run(inputs)
             .expect("run");
         let view = out[0].try_as_plain_ram().expect("plain");
         let xs = view.as_slice::<f32>().expect("f32");
@@ -247,18 +360,84 @@ mod tests {
             let plain = cast_then_mul(rows, cols, &scales, sums_at);
             assert!(plain.nodes.iter().any(|n| n.op_is::<OptBinUnicast>()));
             let mut replaced = plain.clone();
-            assert_eq!(replace_scaled_casts(&mut replaced).expect("replace"), 1);
+            assert_eq!(
+                replace_scaled_casts(&mut replaced).expect("replace"),
+                (1, 0)
+            );
             let replaced = replaced.into_compact().expect("compact");
             assert!(!replaced.nodes.iter().any(|n| n.op_is::<Cast>()));
-            let expected = bits(plain, &sums);
+            let expected = bits(plain, &[&sums]);
             for threads in [1, 2] {
                 let executor = tract_linalg::multithread::Executor::multithread(threads);
                 let got = tract_linalg::multithread::multithread_tract_scope(executor, || {
-                    bits(replaced.clone(), &sums)
+                    bits(replaced.clone(), &[&sums])
                 });
                 assert!(got == expected, "sums at {sums_at}, {threads} threads");
             }
         }
+    }
+
+    /// `Cast`, `Mul` by per-column scales and `Add` to a per-column bias over
+    /// `[1, T, cols]`, as an int8 matmul ends: `T` symbolic as gigastt loads,
+    /// the scales an input (they carry the activations' scale, known only at
+    /// run time), optimised, and the broadcasting add run as rows (as
+    /// `rewrite_optimized` does first). With `shared`, the product is an
+    /// output too.
+    fn cast_mul_add(cols: usize, shared: bool) -> TypedModel {
+        let mut model = TypedModel::default();
+        let t: TDim = model.symbols.sym("T").into();
+        let a = model
+            .add_source("a", i32::fact(tvec![1.into(), t, cols.to_dim()]))
+            .expect("a");
+        let s = model.add_source("s", f32::fact([1, 1, cols])).expect("s");
+        let c = model
+            .wire_node("c", Cast { to: DatumType::F32 }, &[a])
+            .expect("c")[0];
+        let bias: Vec<f32> = (0..cols).map(|j| (j as f32 - 20.0) * 0.37).collect();
+        let b = model
+            .add_const("b", Tensor::from_shape(&[1, 1, cols], &bias).expect("bias"))
+            .expect("b");
+        let m = model.wire_node("m", math::mul(), &[c, s]).expect("m")[0];
+        // Bias first, as the ONNX export writes it: tract's unicast and
+        // chain ops want the full operand first, so the add stays generic.
+        let out = model.wire_node("add", math::add(), &[b, m]).expect("add")[0];
+        let outputs = if shared { vec![out, m] } else { vec![out] };
+        model.select_output_outlets(&outputs).expect("outputs");
+        let mut model = model.into_optimized().expect("optimised");
+        super::super::broadcast::replace_broadcast_binops(&mut model).expect("broadcasts");
+        model
+    }
+
+    /// The bias added in the same pass: the same bits as tract's cast,
+    /// multiplication and add, on one and two threads; with the product read
+    /// elsewhere too, the add stays.
+    #[test]
+    fn the_bias_add_joins_with_the_same_bits() {
+        let (rows, cols) = (300usize, 64usize);
+        let sums: Vec<i32> = (0..rows * cols)
+            .map(|i| (i as i32).wrapping_mul(-1_640_531_535) >> 3)
+            .collect();
+        let sums = Tensor::from_shape(&[1, rows, cols], &sums).expect("sums");
+        let scales: Vec<f32> = (0..cols).map(|j| 1.0 / (3.0 + j as f32)).collect();
+        let scales = Tensor::from_shape(&[1, 1, cols], &scales).expect("scales");
+        let plain = cast_mul_add(cols, false);
+        let mut replaced = plain.clone();
+        assert_eq!(
+            replace_scaled_casts(&mut replaced).expect("replace"),
+            (1, 1)
+        );
+        let replaced = replaced.into_compact().expect("compact");
+        assert!(!replaced.nodes.iter().any(|n| n.op_is::<BroadcastBin>()));
+        let expected = bits(plain, &[&sums, &scales]);
+        for threads in [1, 2] {
+            let executor = tract_linalg::multithread::Executor::multithread(threads);
+            let got = tract_linalg::multithread::multithread_tract_scope(executor, || {
+                bits(replaced.clone(), &[&sums, &scales])
+            });
+            assert!(got == expected, "{threads} threads");
+        }
+        let mut shared = cast_mul_add(cols, true);
+        assert_eq!(replace_scaled_casts(&mut shared).expect("replace"), (1, 0));
     }
 
     /// A cast read by another node too stays, and nothing is replaced.
@@ -278,6 +457,6 @@ mod tests {
         let m = model.wire_node("m", math::mul(), &[c, s]).expect("m")[0];
         model.select_output_outlets(&[m, c]).expect("outputs");
         let mut model = model.into_optimized().expect("optimised");
-        assert_eq!(replace_scaled_casts(&mut model).expect("replace"), 0);
+        assert_eq!(replace_scaled_casts(&mut model).expect("replace"), (0, 0));
     }
 }

@@ -74,6 +74,8 @@ pub struct Rewrites {
     pub packs: usize,
     /// int8 matmul sums converted and scaled in one pass ([`dequant`]).
     pub scaled_casts: usize,
+    /// Of those, the ones that add the layer's bias in the same pass.
+    pub biased_casts: usize,
     /// Softmaxes run row by row ([`softmax`]).
     pub softmaxes: usize,
     /// LayerNorms' normalisations run as one op each ([`norm`]).
@@ -95,6 +97,7 @@ impl Rewrites {
         self.depthwise += other.depthwise;
         self.packs += other.packs;
         self.scaled_casts += other.scaled_casts;
+        self.biased_casts += other.biased_casts;
         self.softmaxes += other.softmaxes;
         self.norms += other.norms;
         self.scaled_norms += other.scaled_norms;
@@ -147,7 +150,9 @@ pub fn rewrite_optimized(
     }
     done.broadcasts += broadcast::replace_broadcast_binops(model)?;
     done.packs += pack::replace_i8_packs(model)?;
-    done.scaled_casts += dequant::replace_scaled_casts(model)?;
+    let (scaled, biased) = dequant::replace_scaled_casts(model)?;
+    done.scaled_casts += scaled;
+    done.biased_casts += biased;
     if exactness == Exactness::Close {
         done.softmaxes += softmax::replace_softmaxes(model)?;
     }
@@ -1301,6 +1306,7 @@ mod tests {
         let done = same_bits_with_and_without("v3_e2e_rnnt_encoder_int8.onnx");
         assert!(done.zero_points > 0, "{done:?}");
         assert!(done.quantizers > 0 && done.scaled_casts > 0, "{done:?}");
+        assert!(done.biased_casts > 0, "{done:?}");
         assert!(done.depthwise > 0 && done.broadcasts > 0, "{done:?}");
         if vnni() {
             assert!(done.packs > 0, "{done:?}");
