@@ -72,6 +72,8 @@ pub struct Rewrites {
     pub depthwise: usize,
     /// int8 activation packings run on the pool ([`pack`]).
     pub packs: usize,
+    /// Of those, the ones that quantise the activations on the way.
+    pub quantized_packs: usize,
     /// int8 matmul sums converted and scaled in one pass ([`dequant`]).
     pub scaled_casts: usize,
     /// Of those, the ones that add the layer's bias in the same pass.
@@ -96,6 +98,7 @@ impl Rewrites {
         self.broadcasts += other.broadcasts;
         self.depthwise += other.depthwise;
         self.packs += other.packs;
+        self.quantized_packs += other.quantized_packs;
         self.scaled_casts += other.scaled_casts;
         self.biased_casts += other.biased_casts;
         self.softmaxes += other.softmaxes;
@@ -150,6 +153,7 @@ pub fn rewrite_optimized(
     }
     done.broadcasts += broadcast::replace_broadcast_binops(model)?;
     done.packs += pack::replace_i8_packs(model)?;
+    done.quantized_packs += pack::fuse_quantize_packs(model)?;
     let (scaled, biased) = dequant::replace_scaled_casts(model)?;
     done.scaled_casts += scaled;
     done.biased_casts += biased;
@@ -1309,7 +1313,7 @@ mod tests {
         assert!(done.biased_casts > 0, "{done:?}");
         assert!(done.depthwise > 0 && done.broadcasts > 0, "{done:?}");
         if vnni() {
-            assert!(done.packs > 0, "{done:?}");
+            assert!(done.packs > 0 && done.quantized_packs > 0, "{done:?}");
         }
     }
 
@@ -1327,7 +1331,7 @@ mod tests {
             "{done:?}"
         );
         if vnni() {
-            assert!(done.packs > 0, "{done:?}");
+            assert!(done.packs > 0 && done.quantized_packs > 0, "{done:?}");
         }
         assert_int8_as_close_to_fp32("models/gigaam-v3-full-random/gen");
     }

@@ -8,6 +8,11 @@
 //! second core waits). [`PackI8K4`] does the shift and the packing in one pass,
 //! its panels split across the pool. It only moves bytes (the shift is a
 //! flip of the top bit), so the packed panels are the same bytes as tract's.
+//!
+//! Where the bytes come straight from the activations' quantiser
+//! ([`super::FastDynamicQuantize`]) and nothing else reads them,
+//! [`QuantizePack`] quantises each row into the panels as it packs: the u8
+//! tensor between the two (written, then read back) is never made.
 
 use tract_linalg::mmm::{EagerPackedInput, PackedExoticFact};
 use tract_linalg::pack::PackedI8K4;
@@ -116,40 +121,79 @@ impl PackI8K4 {
         mn_stride: usize,
     ) -> TractResult<Blob> {
         let r = self.format.r;
-        let panel_len = self.format.single_panel_len(k);
-        let mut packed =
-            Tensor::zero_aligned::<i8>(&[self.format.len(k, mn)], self.format.alignment())?
-                .into_blob()?;
-        if panel_len == 0 {
-            return Ok(packed);
-        }
         // `x - 128` in wrapping u8 is `x ^ 0x80`: the i8 `OffsetU8asI8` makes.
-        let flip = if self.from_u8 { 0x80u8 } else { 0 };
-        let total = packed.len();
-        tract_linalg::multithread::par_chunks_mut(
-            packed.as_bytes_mut(),
-            panel_len,
-            total,
-            |first, chunk| {
-                for (i, panel) in chunk.chunks_exact_mut(panel_len).enumerate() {
-                    let first_row = (first + i) * r;
-                    for row in 0..r.min(mn - first_row) {
-                        let at = (first_row + row) * mn_stride;
-                        if k_stride == 1 {
-                            fill_row(panel, r, row, &src[at..at + k], flip);
-                        } else {
-                            for kk in 0..k {
-                                panel[(kk / 4) * r * 4 + row * 4 + kk % 4] =
-                                    src[at + kk * k_stride] ^ flip;
-                            }
-                        }
+        let flip = if self.from_u8 { SHIFT } else { 0 };
+        pack_panels(&self.format, k, mn, |panel, first_row, rows| {
+            for row in 0..rows {
+                let at = (first_row + row) * mn_stride;
+                if k_stride == 1 {
+                    fill_row(panel, r, row, &src[at..at + k], flip);
+                } else {
+                    for kk in 0..k {
+                        panel[(kk / 4) * r * 4 + row * 4 + kk % 4] = src[at + kk * k_stride] ^ flip;
                     }
                 }
-                Ok(())
-            },
-        )?;
-        Ok(packed)
+            }
+        })
     }
+}
+
+/// The top bit: XORed into a u8 it makes `x - 128` as an i8.
+const SHIFT: u8 = 0x80;
+
+/// A zeroed buffer for `k` x `mn` in `format`, each of its panels handed to
+/// `fill` with the first `mn` row it holds and how many it holds (the last
+/// panel may hold fewer than `r`), the panels split across the pool.
+fn pack_panels(
+    format: &PackedI8K4,
+    k: usize,
+    mn: usize,
+    fill: impl Fn(&mut [u8], usize, usize) + Sync + Send,
+) -> TractResult<Blob> {
+    let r = format.r;
+    let panel_len = format.single_panel_len(k);
+    let mut packed =
+        Tensor::zero_aligned::<i8>(&[format.len(k, mn)], format.alignment())?.into_blob()?;
+    if panel_len == 0 {
+        return Ok(packed);
+    }
+    let total = packed.len();
+    tract_linalg::multithread::par_chunks_mut(
+        packed.as_bytes_mut(),
+        panel_len,
+        total,
+        |first, chunk| {
+            for (i, panel) in chunk.chunks_exact_mut(panel_len).enumerate() {
+                let first_row = (first + i) * r;
+                fill(panel, first_row, r.min(mn - first_row));
+            }
+            Ok(())
+        },
+    )?;
+    Ok(packed)
+}
+
+/// The packed matrix `packed` of `input_shape` as the tensor tract's
+/// `OptMatMulPack` outputs.
+fn packed_matrix(
+    format: &PackedI8K4,
+    input_shape: &[usize],
+    k_axis: usize,
+    mn_axis: usize,
+    packed: Blob,
+) -> TValue {
+    let (k, mn) = (input_shape[k_axis], input_shape[mn_axis]);
+    let value = EagerPackedInput {
+        fact: PackedExoticFact {
+            format: Box::new(format.clone()),
+            mn: mn.to_dim(),
+            k,
+        },
+        packed: Arc::new(packed),
+        panel_bytes: format.single_panel_len(k),
+        mn,
+    };
+    super::packed_value(input_shape, k_axis, mn_axis, Box::new(value), DatumType::I8)
 }
 
 /// Writes row `row` of a panel of `r` rows from its `k` contiguous bytes
@@ -204,22 +248,12 @@ impl EvalOp for PackI8K4 {
         };
         let view = input.try_as_plain_ram()?;
         let packed = self.pack(view.as_bytes(), k, mn, k_stride, mn_stride)?;
-        let value = EagerPackedInput {
-            fact: PackedExoticFact {
-                format: Box::new(self.format.clone()),
-                mn: mn.to_dim(),
-                k,
-            },
-            packed: Arc::new(packed),
-            panel_bytes: self.format.single_panel_len(k),
-            mn,
-        };
-        Ok(tvec!(super::packed_value(
+        Ok(tvec!(packed_matrix(
+            &self.format,
             input.shape(),
             self.k_axis,
             self.mn_axis,
-            Box::new(value),
-            DatumType::I8
+            packed
         )))
     }
 }
@@ -237,6 +271,183 @@ impl TypedOp for PackI8K4 {
     }
 
     as_op!();
+}
+
+/// Fuses each [`PackI8K4`] from u8 whose input is the quantised tensor of an
+/// f32 [`super::FastDynamicQuantize`], read by nothing else, into one
+/// [`QuantizePack`]. Returns how many were fused.
+pub fn fuse_quantize_packs(model: &mut TypedModel) -> TractResult<usize> {
+    let mut done = 0;
+    for id in 0..model.nodes.len() {
+        let node = &model.nodes[id];
+        let Some(pack) = node.op_as::<PackI8K4>() else {
+            continue;
+        };
+        let bytes = node.inputs[0];
+        let quantiser = &model.nodes[bytes.node];
+        let fusable = pack.from_u8
+            && quantiser.op_is::<super::FastDynamicQuantize>()
+            && bytes.slot == 0
+            && quantiser.outputs[0].successors.len() == 1
+            && !model.output_outlets()?.contains(&bytes)
+            && model.outlet_fact(quantiser.inputs[0])?.datum_type == DatumType::F32
+            // Rows along `k`: where `mn` is the inner axis (the conv module's
+            // transposed activations) a fused pass measured no faster.
+            && pack.k_axis + 1 == model.outlet_fact(bytes)?.rank();
+        if !fusable {
+            continue;
+        }
+        let op = QuantizePack {
+            format: pack.format.clone(),
+            k_axis: pack.k_axis,
+            mn_axis: pack.mn_axis,
+        };
+        let mut patch = TypedModelPatch::default();
+        let x = patch.tap_model(model, quantiser.inputs[0])?;
+        let outs = patch.wire_node(&quantiser.name, op, &[x])?;
+        if patch.outlet_fact(outs[0])? != &node.outputs[0].fact {
+            continue;
+        }
+        patch.shunt_outside(model, OutletId::new(id, 0), outs[0])?;
+        for slot in 1..3 {
+            patch.shunt_outside(model, OutletId::new(quantiser.id, slot), outs[slot])?;
+        }
+        patch.apply(model)?;
+        done += 1;
+    }
+    Ok(done)
+}
+
+/// ONNX `DynamicQuantizeLinear` to u8 of an f32 matrix, packed for the VNNI
+/// kernel as [`PackI8K4`] packs the u8 bytes: the same outputs as
+/// [`super::FastDynamicQuantize`] followed by [`PackI8K4`] (the packed
+/// matrix, the scale and the zero point), the same bytes, without the u8
+/// tensor between them. Each row is quantised into a buffer of one row and
+/// packed from there while it is in the L1 cache.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct QuantizePack {
+    format: PackedI8K4,
+    k_axis: usize,
+    mn_axis: usize,
+}
+
+impl Op for QuantizePack {
+    fn name(&self) -> StaticName {
+        "QuantizePackI8K4".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "{:?}. k axis: {}, mn axis: {}",
+            self.format, self.k_axis, self.mn_axis
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for QuantizePack {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = &inputs[0];
+        ensure!(
+            input.datum_type() == DatumType::F32,
+            "QuantizePackI8K4: {:?} input, expected F32",
+            input.datum_type()
+        );
+        let (k, mn) = (input.shape()[self.k_axis], input.shape()[self.mn_axis]);
+        let stride = |ax: usize| usize::try_from(input.strides()[ax]).ok();
+        let (Some(k_stride), Some(mn_stride)) = (stride(self.k_axis), stride(self.mn_axis)) else {
+            bail!("QuantizePackI8K4: negative strides {:?}", input.strides());
+        };
+        let view = input.try_as_plain_ram()?;
+        let xs = view.as_slice::<f32>()?;
+        let (scale, zero_point) = super::scale_and_zero_point(super::par_min_max(xs)?);
+        let packed = pack_panels(&self.format, k, mn, |panel, first_row, rows| {
+            super::wide(QuantizePanel {
+                xs,
+                panel,
+                r: self.format.r,
+                first_row,
+                rows,
+                k,
+                k_stride,
+                mn_stride,
+                scale,
+                zero_point,
+            })
+        })?;
+        Ok(tvec!(
+            packed_matrix(
+                &self.format,
+                input.shape(),
+                self.k_axis,
+                self.mn_axis,
+                packed
+            ),
+            tensor0(scale).into_tvalue(),
+            tensor0(zero_point).into_tvalue()
+        ))
+    }
+}
+
+impl TypedOp for QuantizePack {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs[0].datum_type == DatumType::F32);
+        Ok(tvec!(
+            super::packed_fact(
+                inputs[0],
+                DatumType::I8,
+                Box::new(self.format.clone()),
+                self.k_axis,
+                self.mn_axis
+            ),
+            f32::scalar_fact(),
+            u8::scalar_fact()
+        ))
+    }
+
+    as_op!();
+}
+
+/// One panel of [`QuantizePack`] (rows `first_row..first_row + rows` of
+/// `mn`) as [`super::wide`] work.
+struct QuantizePanel<'a> {
+    xs: &'a [f32],
+    panel: &'a mut [u8],
+    r: usize,
+    first_row: usize,
+    rows: usize,
+    k: usize,
+    k_stride: usize,
+    mn_stride: usize,
+    scale: f32,
+    zero_point: u8,
+}
+
+impl super::Wide for QuantizePanel<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let k = self.k;
+        let mut bytes = vec![0u8; k];
+        // Only for a row that is not contiguous (`k` not the inner axis).
+        let mut gathered = Vec::new();
+        for row in 0..self.rows {
+            let at = (self.first_row + row) * self.mn_stride;
+            let values = if self.k_stride == 1 {
+                &self.xs[at..at + k]
+            } else {
+                gathered.clear();
+                gathered.extend((0..k).map(|kk| self.xs[at + kk * self.k_stride]));
+                &gathered[..]
+            };
+            super::quantize(values, self.scale, self.zero_point, &mut bytes);
+            fill_row(self.panel, self.r, row, &bytes, SHIFT);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -328,6 +539,84 @@ mod tests {
         };
         let input = Tensor::from_shape(&[k, rows], &transposed).expect("tensor");
         assert_eq!(run(&op, input), expected);
+    }
+
+    /// Activations like a layer's: spread around zero, a run of exact
+    /// zeros, and a NaN where `nan`.
+    fn activations(len: usize, nan: bool) -> Vec<f32> {
+        let mut rnd = super::super::tests::uniform(31);
+        let mut xs: Vec<f32> = (0..len).map(|_| rnd() * 3.0 - 1.0).collect();
+        for x in xs.iter_mut().skip(len / 3).take(5) {
+            *x = 0.0;
+        }
+        if nan {
+            xs[len / 2] = f32::NAN;
+        }
+        xs
+    }
+
+    /// The quantiser then the packing, as tract would run them after the
+    /// other rewrites: the packed matrix, the scale and the zero point.
+    fn two_ops(op: &QuantizePack, input: &Tensor) -> (Packed, f32, u8) {
+        let ctx = EvalContext::out_of_plan();
+        let quantised = super::super::FastDynamicQuantize
+            .eval(&ctx, tvec![input.clone().into_tvalue()])
+            .expect("quantise");
+        let pack = PackI8K4 {
+            format: op.format.clone(),
+            k_axis: op.k_axis,
+            mn_axis: op.mn_axis,
+            from_u8: true,
+        };
+        let packed = run(&pack, quantised[0].clone().into_tensor());
+        let scale = quantised[1].cast_to_scalar::<f32>().expect("scale");
+        let zero_point = quantised[2].cast_to_scalar::<u8>().expect("zero point");
+        (packed, scale, zero_point)
+    }
+
+    /// The fused op against the two, with `k` the inner axis (the attention
+    /// and feed-forward matmuls) and the outer one (the conv module's), on
+    /// one and two threads: the same bytes, scale and zero point.
+    #[test]
+    fn quantises_and_packs_the_same_bytes_as_the_two_ops() {
+        for (rows, k) in [(1, 1), (5, 7), (16, 64), (37, 130), (250, 768)] {
+            for (k_inner, nan) in [(true, false), (false, false), (true, true)] {
+                let (shape, k_axis, mn_axis) = if k_inner {
+                    ([1, rows, k], 2, 1)
+                } else {
+                    ([1, k, rows], 1, 2)
+                };
+                let input = Tensor::from_shape(&shape, &activations(rows * k, nan)).expect("x");
+                let op = QuantizePack {
+                    format: PackedI8K4::new(16),
+                    k_axis,
+                    mn_axis,
+                };
+                let expected = two_ops(&op, &input);
+                for threads in [1, 2] {
+                    let executor = tract_linalg::multithread::Executor::multithread(threads);
+                    let out = tract_linalg::multithread::multithread_tract_scope(executor, || {
+                        op.eval(
+                            &EvalContext::out_of_plan(),
+                            tvec![input.clone().into_tvalue()],
+                        )
+                        .expect("eval")
+                    });
+                    let storage = out[0]
+                        .try_storage_as::<PackedMatrixStorage>()
+                        .expect("packed storage");
+                    let got = (
+                        packed(storage.value()),
+                        out[1].cast_to_scalar::<f32>().expect("scale"),
+                        out[2].cast_to_scalar::<u8>().expect("zero point"),
+                    );
+                    assert!(
+                        got == expected,
+                        "{rows}x{k}, k inner {k_inner}, NaN {nan}, {threads} threads"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
