@@ -124,13 +124,21 @@ impl PackI8K4 {
         // `x - 128` in wrapping u8 is `x ^ 0x80`: the i8 `OffsetU8asI8` makes.
         let flip = if self.from_u8 { SHIFT } else { 0 };
         pack_panels(&self.format, k, mn, |panel, first_row, rows| {
-            for row in 0..rows {
-                let at = (first_row + row) * mn_stride;
-                if k_stride == 1 {
+            if k_stride == 1 {
+                for row in 0..rows {
+                    let at = (first_row + row) * mn_stride;
                     fill_row(panel, r, row, &src[at..at + k], flip);
-                } else {
-                    for kk in 0..k {
-                        panel[(kk / 4) * r * 4 + row * 4 + kk % 4] = src[at + kk * k_stride] ^ flip;
+                }
+            } else {
+                // One `k` at a time across the panel's rows, which are
+                // contiguous where `mn` is the inner axis (the conv module's
+                // transposed activations): reading down `k` row by row
+                // instead took a cache line per byte.
+                for kk in 0..k {
+                    let at = kk * k_stride + first_row * mn_stride;
+                    let block = (kk / 4) * r * 4 + kk % 4;
+                    for row in 0..rows {
+                        panel[block + row * 4] = src[at + row * mn_stride] ^ flip;
                     }
                 }
             }
@@ -517,28 +525,36 @@ mod tests {
         }
     }
 
+    /// Stored `[k, rows]`, as the conv module's activations are, with a
+    /// last panel part full, on one and two threads.
     #[test]
     fn packs_a_matrix_stored_k_major() {
-        let (rows, k) = (21, 10);
-        let format = PackedI8K4::new(16);
-        let values: Vec<i8> = bytes(rows, k).into_iter().map(|b| b as i8).collect();
-        // The same matrix stored as `[k, rows]`.
-        let mut transposed = vec![0i8; rows * k];
-        for row in 0..rows {
-            for kk in 0..k {
-                transposed[kk * rows + row] = values[row * k + kk];
+        for (rows, k) in [(21, 10), (37, 130), (250, 768)] {
+            let format = PackedI8K4::new(16);
+            let values: Vec<i8> = bytes(rows, k).into_iter().map(|b| b as i8).collect();
+            let mut transposed = vec![0i8; rows * k];
+            for row in 0..rows {
+                for kk in 0..k {
+                    transposed[kk * rows + row] = values[row * k + kk];
+                }
+            }
+            let matrix = Tensor::from_shape(&[rows, k], &values).expect("tensor");
+            let expected = packed(&*format.prepare_one(&matrix, 1, 0).expect("tract packs"));
+            let op = PackI8K4 {
+                format,
+                k_axis: 0,
+                mn_axis: 1,
+                from_u8: false,
+            };
+            for threads in [1, 2] {
+                let executor = tract_linalg::multithread::Executor::multithread(threads);
+                let input = Tensor::from_shape(&[k, rows], &transposed).expect("tensor");
+                let got = tract_linalg::multithread::multithread_tract_scope(executor, || {
+                    run(&op, input)
+                });
+                assert_eq!(got, expected, "{rows}x{k}, {threads} threads");
             }
         }
-        let matrix = Tensor::from_shape(&[rows, k], &values).expect("tensor");
-        let expected = packed(&*format.prepare_one(&matrix, 1, 0).expect("tract packs"));
-        let op = PackI8K4 {
-            format,
-            k_axis: 0,
-            mn_axis: 1,
-            from_u8: false,
-        };
-        let input = Tensor::from_shape(&[k, rows], &transposed).expect("tensor");
-        assert_eq!(run(&op, input), expected);
     }
 
     /// Activations like a layer's: spread around zero, a run of exact
