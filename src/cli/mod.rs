@@ -257,8 +257,10 @@ pub(crate) fn load_engine(
          {} row-loop matmuls kept on one thread, {} zero weight zero points dropped, \
          {} constant chains folded, {} quantizers vectorised, {} broadcasting element-wise ops \
          run as rows, {} depthwise convolutions run directly, {} int8 activation packings \
-         run on the pool ({} quantised on the way), {} int8 matmul sums scaled in one pass ({} with their bias), {} softmaxes run as rows, \
-         {} LayerNorms run as one op each ({} with their scale and bias)",
+         run on the pool ({} quantised on the way), {} batched packings run on the pool, \
+         {} int8 matmul sums scaled in one pass \
+         ({} with their bias), {} softmaxes run as rows, {} LayerNorms run as one op each \
+         ({} with their scale and bias)",
         info.encoder_pieces,
         info.encoder_kernels,
         info.loop_simd,
@@ -272,6 +274,7 @@ pub(crate) fn load_engine(
         r.depthwise,
         r.packs,
         r.quantized_packs,
+        r.batch_packs,
         r.scaled_casts,
         r.biased_casts,
         r.softmaxes,

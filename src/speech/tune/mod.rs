@@ -24,16 +24,23 @@
 //!   depthwise convolution becomes 768 one-row matmuls over an im2col buffer.
 //! - [`pack::replace_i8_packs`]: tract shifts and packs the int8 activations
 //!   for the VNNI kernel in two passes on one thread.
+//! - [`pack::fuse_quantize_packs`]: the quantised activations are a tensor
+//!   written only for the packing to read back.
+//! - [`batch::replace_batched_packs`]: tract packs the attention's 16 heads
+//!   one after another on one thread.
 //! - [`dequant::replace_scaled_casts`]: tract converts the int8 matmul sums to
-//!   f32 on one thread and scales them in a second pass.
+//!   f32 on one thread, scales them in a second pass and adds the bias in a
+//!   third.
 //! - [`softmax::replace_softmaxes`]: tract's softmax calls three kernels per
 //!   row and runs its glue between them on dirty AVX state.
 //! - [`norm::replace_layer_norms`]: tract lowers a LayerNorm to four nodes that
-//!   each walk the whole tensor, the first a scalar sum on one thread.
+//!   each walk the whole tensor, the first a scalar sum on one thread, and a
+//!   fifth for its scale and bias.
 //!
 //! [`rewrite_decluttered`] and [`rewrite_optimized`] run the graph-level ones,
 //! before and after tract's optimiser.
 
+pub mod batch;
 pub mod broadcast;
 pub mod depthwise;
 pub mod dequant;
@@ -74,6 +81,8 @@ pub struct Rewrites {
     pub packs: usize,
     /// Of those, the ones that quantise the activations on the way.
     pub quantized_packs: usize,
+    /// Batched f32 packings (the attention's) split over the pool ([`batch`]).
+    pub batch_packs: usize,
     /// int8 matmul sums converted and scaled in one pass ([`dequant`]).
     pub scaled_casts: usize,
     /// Of those, the ones that add the layer's bias in the same pass.
@@ -99,6 +108,7 @@ impl Rewrites {
         self.depthwise += other.depthwise;
         self.packs += other.packs;
         self.quantized_packs += other.quantized_packs;
+        self.batch_packs += other.batch_packs;
         self.scaled_casts += other.scaled_casts;
         self.biased_casts += other.biased_casts;
         self.softmaxes += other.softmaxes;
@@ -154,6 +164,7 @@ pub fn rewrite_optimized(
     done.broadcasts += broadcast::replace_broadcast_binops(model)?;
     done.packs += pack::replace_i8_packs(model)?;
     done.quantized_packs += pack::fuse_quantize_packs(model)?;
+    done.batch_packs += batch::replace_batched_packs(model)?;
     let (scaled, biased) = dequant::replace_scaled_casts(model)?;
     done.scaled_casts += scaled;
     done.biased_casts += biased;
@@ -1057,9 +1068,13 @@ mod tests {
 
     /// The f32 output of `model`, one input, run with a pool of `threads`.
     pub(super) fn run_f32(model: &TypedModel, input: &Tensor, threads: usize) -> Vec<f32> {
-        let out = plan_on(model, threads)
-            .run(tvec![input.clone().into_tvalue()])
-            .expect("run");
+        run_f32_on(model, std::slice::from_ref(input), threads)
+    }
+
+    /// The f32 output of `model` on `inputs`, run with a pool of `threads`.
+    pub(super) fn run_f32_on(model: &TypedModel, inputs: &[Tensor], threads: usize) -> Vec<f32> {
+        let inputs = inputs.iter().map(|t| t.clone().into_tvalue()).collect();
+        let out = plan_on(model, threads).run(inputs).expect("run");
         let view = out[0].try_as_plain_ram().expect("plain");
         view.as_slice::<f32>().expect("f32").to_vec()
     }
@@ -1310,7 +1325,7 @@ mod tests {
         let done = same_bits_with_and_without("v3_e2e_rnnt_encoder_int8.onnx");
         assert!(done.zero_points > 0, "{done:?}");
         assert!(done.quantizers > 0 && done.scaled_casts > 0, "{done:?}");
-        assert!(done.biased_casts > 0, "{done:?}");
+        assert!(done.biased_casts > 0 && done.batch_packs > 0, "{done:?}");
         assert!(done.depthwise > 0 && done.broadcasts > 0, "{done:?}");
         if vnni() {
             assert!(done.packs > 0 && done.quantized_packs > 0, "{done:?}");
@@ -1487,7 +1502,7 @@ mod tests {
     fn fp32_rewrites_change_no_bit_of_the_encoder_output() {
         let done = same_bits_with_and_without("v3_e2e_rnnt_encoder.onnx");
         assert!(done.depthwise > 0, "the depthwise convolutions: {done:?}");
-        assert!(done.broadcasts > 0, "{done:?}");
+        assert!(done.broadcasts > 0 && done.batch_packs > 0, "{done:?}");
         // Where tract's symbolic pick is not its preferred kernel (AVX-512:
         // 64x3 vs 16x12), the weight matmuls must have moved.
         let preferred = tract_linalg::MmmDispatch::native()
