@@ -92,9 +92,9 @@ impl ScaledCast {
                 };
                 let mut last = node.id;
                 if let Some((add, bias)) = bias_add(model, node)? {
-                    op.bias = Some(add.clone());
+                    op.bias = Some(add.op.clone());
                     inputs.push(bias);
-                    last = model.nodes[node.outputs[0].successors[0].node].id;
+                    last = add.id;
                 }
                 return Ok(Some((op, inputs, last)));
             }
@@ -149,7 +149,7 @@ impl ScaledCast {
 fn bias_add<'m>(
     model: &'m TypedModel,
     mul: &TypedNode,
-) -> TractResult<Option<(&'m BroadcastBin, OutletId)>> {
+) -> TractResult<Option<(BiasAdd<'m>, OutletId)>> {
     let product = OutletId::new(mul.id, 0);
     let [reader] = mul.outputs[0].successors.as_slice() else {
         return Ok(None);
@@ -163,23 +163,24 @@ fn bias_add<'m>(
     };
     match op.f32_add_to() {
         Some(full) if add.inputs.len() == 2 && add.inputs[full] == product => {
-            Ok(Some((op, add.inputs[1 - full])))
+            Ok(Some((BiasAdd { id: add.id, op }, add.inputs[1 - full])))
         }
         _ => Ok(None),
     }
 }
 
+/// The node [`bias_add`] found.
+struct BiasAdd<'m> {
+    id: usize,
+    op: &'m BroadcastBin,
+}
+
 /// Whether `bias` can join the row walk of `sums` by `scales`: it fits the
-/// rows, and each row meets a row of it as long as the scales' rows.
+/// rows, and splits the sums into rows of the same length.
 fn fits_with_bias(sums: &Tensor, scales: &Tensor, bias: &Tensor) -> bool {
-    if bias.datum_type() != DatumType::F32 || !fit_rows(sums, bias) {
-        return false;
-    }
-    let (by_scale, by_bias) = (
-        Rows::new(sums.shape(), scales.shape()),
-        Rows::new(sums.shape(), bias.shape()),
-    );
-    !by_bias.scalar && by_bias.len == by_scale.len
+    bias.datum_type() == DatumType::F32
+        && fit_rows(sums, bias)
+        && Rows::new(sums.shape(), bias.shape()).len == Rows::new(sums.shape(), scales.shape()).len
 }
 
 /// `i32 as f32` times its scale, plus its bias where there is one, over
@@ -226,8 +227,16 @@ impl super::Wide for ScaleRows<'_> {
                         *o = *x as f32 * *y + *b;
                     }
                 }
-                // `fits_with_bias` keeps a scalar bias off this walk.
-                (_, Some(Operand::Scalar(_))) => unreachable!("a scalar bias on the row walk"),
+                (Operand::Scalar(y), Some(Operand::Scalar(b))) => {
+                    for (o, x) in to.iter_mut().zip(from) {
+                        *o = *x as f32 * y + b;
+                    }
+                }
+                (Operand::Row(ys), Some(Operand::Scalar(b))) => {
+                    for ((o, x), y) in to.iter_mut().zip(from).zip(ys) {
+                        *o = *x as f32 * *y + b;
+                    }
+                }
             }
         }
     }
@@ -313,6 +322,7 @@ impl TypedOp for ScaledCast {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tract_onnx::tract_core::ops::konst::Const;
     use tract_onnx::tract_core::ops::math;
 
     /// `Cast` to f32 then `Mul` by `scales`, optimised by tract, with the sums
@@ -339,9 +349,26 @@ mod tests {
             .expect("plan")
             .run(inputs)
             .expect("run");
-        let view = out[0].try_as_plain_ram().expect("plain");
+        bits_of(&out[0])
+    }
+
+    fn bits_of(out: &TValue) -> Vec<u32> {
+        let view = out.try_as_plain_ram().expect("plain");
         let xs = view.as_slice::<f32>().expect("f32");
         xs.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// `[1, rows, cols]` sums that need rounding (beyond 2^24) and
+    /// `[1, 1, cols]` scales.
+    fn sums_and_scales(rows: usize, cols: usize) -> (Tensor, Tensor) {
+        let sums: Vec<i32> = (0..rows * cols)
+            .map(|i| (i as i32).wrapping_mul(-1_640_531_535) >> 3)
+            .collect();
+        let scales: Vec<f32> = (0..cols).map(|j| 1.0 / (3.0 + j as f32)).collect();
+        (
+            Tensor::from_shape(&[1, rows, cols], &sums).expect("sums"),
+            Tensor::from_shape(&[1, 1, cols], &scales).expect("scales"),
+        )
     }
 
     /// tract's `Cast` and `OptMulUnicast` against the graph with them
@@ -350,12 +377,7 @@ mod tests {
     #[test]
     fn same_bits_as_tract_s_cast_and_mul() {
         let (rows, cols) = (300usize, 64usize);
-        let sums: Vec<i32> = (0..rows * cols)
-            .map(|i| (i as i32).wrapping_mul(-1_640_531_535) >> 3)
-            .collect();
-        let sums = Tensor::from_shape(&[1, rows, cols], &sums).expect("sums");
-        let scales: Vec<f32> = (0..cols).map(|j| 1.0 / (3.0 + j as f32)).collect();
-        let scales = Tensor::from_shape(&[1, 1, cols], &scales).expect("scales");
+        let (sums, scales) = sums_and_scales(rows, cols);
         for sums_at in 0..2 {
             let plain = cast_then_mul(rows, cols, &scales, sums_at);
             assert!(plain.nodes.iter().any(|n| n.op_is::<OptBinUnicast>()));
@@ -414,12 +436,7 @@ mod tests {
     #[test]
     fn the_bias_add_joins_with_the_same_bits() {
         let (rows, cols) = (300usize, 64usize);
-        let sums: Vec<i32> = (0..rows * cols)
-            .map(|i| (i as i32).wrapping_mul(-1_640_531_535) >> 3)
-            .collect();
-        let sums = Tensor::from_shape(&[1, rows, cols], &sums).expect("sums");
-        let scales: Vec<f32> = (0..cols).map(|j| 1.0 / (3.0 + j as f32)).collect();
-        let scales = Tensor::from_shape(&[1, 1, cols], &scales).expect("scales");
+        let (sums, scales) = sums_and_scales(rows, cols);
         let plain = cast_mul_add(cols, false);
         let mut replaced = plain.clone();
         assert_eq!(
@@ -436,6 +453,30 @@ mod tests {
             });
             assert!(got == expected, "{threads} threads");
         }
+        // Scales of another rank than the sums do not fit the row walk: the
+        // op falls back to the cast, tract's product and the add it replaced.
+        let op = replaced
+            .nodes
+            .iter()
+            .find_map(|n| n.op_as::<ScaledCast>())
+            .expect("the op");
+        let bias = replaced
+            .nodes
+            .iter()
+            .find_map(|n| n.op_as::<Const>())
+            .expect("the bias")
+            .val()
+            .clone();
+        let flat = scales.clone().into_shape(&[cols]).expect("rank 1");
+        let inputs = tvec![
+            sums.clone().into_tvalue(),
+            flat.into_tvalue(),
+            bias.into_tensor().into_tvalue()
+        ];
+        let out = op
+            .eval(&EvalContext::out_of_plan(), inputs)
+            .expect("fallback");
+        assert!(bits_of(&out[0]) == expected, "the fallback");
         let mut shared = cast_mul_add(cols, true);
         assert_eq!(replace_scaled_casts(&mut shared).expect("replace"), (1, 0));
     }
