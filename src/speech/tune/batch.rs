@@ -133,19 +133,14 @@ impl EvalOp for BatchPack {
 
 impl TypedOp for BatchPack {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let input = inputs[0];
-        ensure!(input.datum_type == DatumType::F32);
-        let exotic = DynPackedExoticFact {
-            k: input.shape[self.k_axis].clone(),
-            mn: input.shape[self.mn_axis].clone(),
-            packers: self.packers.clone(),
-        };
-        Ok(tvec!(
-            input
-                .datum_type
-                .fact(super::packed_shape(&input.shape, self.k_axis, self.mn_axis))
-                .with_exotic_fact(exotic)
-        ))
+        ensure!(inputs[0].datum_type == DatumType::F32);
+        Ok(tvec!(super::packed_fact(
+            inputs[0],
+            DatumType::F32,
+            self.packers.clone(),
+            self.k_axis,
+            self.mn_axis
+        )))
     }
 
     as_op!();

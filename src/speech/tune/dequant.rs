@@ -151,13 +151,9 @@ fn bias_add<'m>(
     mul: &TypedNode,
 ) -> TractResult<Option<(BiasAdd<'m>, OutletId)>> {
     let product = OutletId::new(mul.id, 0);
-    let [reader] = mul.outputs[0].successors.as_slice() else {
+    let Some(add) = super::sole_reader(model, product)? else {
         return Ok(None);
     };
-    if model.output_outlets()?.contains(&product) {
-        return Ok(None);
-    }
-    let add = &model.nodes[reader.node];
     let Some(op) = add.op_as::<BroadcastBin>() else {
         return Ok(None);
     };

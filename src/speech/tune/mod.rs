@@ -323,6 +323,16 @@ fn replace_node(
     Ok(true)
 }
 
+/// The one node that reads `outlet`, when exactly one does and the outlet is
+/// not a graph output: what a rewrite may fold into the op that writes it.
+fn sole_reader(model: &TypedModel, outlet: OutletId) -> TractResult<Option<&TypedNode>> {
+    let successors = &model.nodes[outlet.node].outputs[outlet.slot].successors;
+    Ok(match successors.as_slice() {
+        [inlet] if !model.output_outlets()?.contains(&outlet) => Some(&model.nodes[inlet.node]),
+        _ => None,
+    })
+}
+
 /// The input axes a packing node (tract's `OptMatMulPack`) reads `k` and
 /// `mn` from.
 fn pack_axes(model: &TypedModel, pack: &TypedNode) -> TractResult<Option<(usize, usize)>> {
@@ -335,12 +345,13 @@ fn pack_axes(model: &TypedModel, pack: &TypedNode) -> TractResult<Option<(usize,
         .zip(axes.axis('M')?.inputs[0].first().copied()))
 }
 
-/// The fact of one packed matrix in `format`, packed from `input` along
-/// `k_axis` and `mn_axis`, as tract's `OptMatMulPack` declares it.
+/// The fact of the matrices packed from `input` along `k_axis` and
+/// `mn_axis` for `packers` (one format, or tract's two for vectors and
+/// matrices), as tract's `OptMatMulPack` declares it.
 fn packed_fact(
     input: &TypedFact,
     datum_type: DatumType,
-    format: Box<dyn MMMInputFormat>,
+    packers: Vec<Box<dyn MMMInputFormat>>,
     k_axis: usize,
     mn_axis: usize,
 ) -> TypedFact {
@@ -348,7 +359,7 @@ fn packed_fact(
     let exotic = DynPackedExoticFact {
         k: input.shape[k_axis].clone(),
         mn: input.shape[mn_axis].clone(),
-        packers: vec![format],
+        packers,
     };
     datum_type
         .fact(packed_shape(&input.shape, k_axis, mn_axis))
@@ -942,7 +953,7 @@ impl TypedOp for PackFor {
         Ok(tvec!(packed_fact(
             inputs[0],
             inputs[0].datum_type,
-            self.format.clone(),
+            vec![self.format.clone()],
             self.k_axis,
             self.mn_axis
         )))

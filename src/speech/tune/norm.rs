@@ -152,14 +152,6 @@ fn affine_after(
     norm: OutletId,
     axis: usize,
 ) -> TractResult<Option<(Affine, usize)>> {
-    let outputs = model.output_outlets()?;
-    let sole_reader = |outlet: OutletId| -> Option<&TypedNode> {
-        let successors = &model.nodes[outlet.node].outputs[outlet.slot].successors;
-        match successors.as_slice() {
-            [inlet] if !outputs.contains(&outlet) => Some(&model.nodes[inlet.node]),
-            _ => None,
-        }
-    };
     let fact = model.outlet_fact(norm)?;
     let Ok(len) = fact.shape[axis].to_usize() else {
         return Ok(None);
@@ -179,7 +171,7 @@ fn affine_after(
         };
         constant_along(model, other, fact.rank(), axis, len)
     };
-    let Some(reader) = sole_reader(norm) else {
+    let Some(reader) = super::sole_reader(model, norm)? else {
         return Ok(None);
     };
     if let Some(chain) = reader.op_as::<OptBinChain>() {
@@ -200,7 +192,8 @@ fn affine_after(
         return Ok(None);
     };
     let scaled = OutletId::new(reader.id, 0);
-    let Some(add) = sole_reader(scaled).filter(|n| bin_name(n) == Some("Add")) else {
+    let Some(add) = super::sole_reader(model, scaled)?.filter(|n| bin_name(n) == Some("Add"))
+    else {
         return Ok(None);
     };
     let Some(bias) = along(add, scaled)? else {

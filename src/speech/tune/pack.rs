@@ -146,6 +146,25 @@ impl PackI8K4 {
     }
 }
 
+/// The sizes of `input` along `k_axis` and `mn_axis`, and its element
+/// strides along them.
+fn matrix(
+    input: &Tensor,
+    k_axis: usize,
+    mn_axis: usize,
+) -> TractResult<(usize, usize, usize, usize)> {
+    let stride = |ax: usize| usize::try_from(input.strides()[ax]).ok();
+    let (Some(k_stride), Some(mn_stride)) = (stride(k_axis), stride(mn_axis)) else {
+        bail!("negative strides {:?} to pack", input.strides());
+    };
+    Ok((
+        input.shape()[k_axis],
+        input.shape()[mn_axis],
+        k_stride,
+        mn_stride,
+    ))
+}
+
 /// The top bit: XORed into a u8 it makes `x - 128` as an i8.
 const SHIFT: u8 = 0x80;
 
@@ -249,11 +268,7 @@ impl EvalOp for PackI8K4 {
             input.datum_type(),
             self.input_type()
         );
-        let (k, mn) = (input.shape()[self.k_axis], input.shape()[self.mn_axis]);
-        let stride = |ax: usize| usize::try_from(input.strides()[ax]).ok();
-        let (Some(k_stride), Some(mn_stride)) = (stride(self.k_axis), stride(self.mn_axis)) else {
-            bail!("PackI8K4: negative strides {:?}", input.strides());
-        };
+        let (k, mn, k_stride, mn_stride) = matrix(input, self.k_axis, self.mn_axis)?;
         let view = input.try_as_plain_ram()?;
         let packed = self.pack(view.as_bytes(), k, mn, k_stride, mn_stride)?;
         Ok(tvec!(packed_matrix(
@@ -272,7 +287,7 @@ impl TypedOp for PackI8K4 {
         Ok(tvec!(super::packed_fact(
             inputs[0],
             DatumType::I8,
-            Box::new(self.format.clone()),
+            vec![Box::new(self.format.clone())],
             self.k_axis,
             self.mn_axis
         )))
@@ -296,8 +311,7 @@ pub fn fuse_quantize_packs(model: &mut TypedModel) -> TractResult<usize> {
         let fusable = pack.from_u8
             && quantiser.op_is::<super::FastDynamicQuantize>()
             && bytes.slot == 0
-            && quantiser.outputs[0].successors.len() == 1
-            && !model.output_outlets()?.contains(&bytes)
+            && super::sole_reader(model, bytes)?.is_some()
             && model.outlet_fact(quantiser.inputs[0])?.datum_type == DatumType::F32
             // Rows along `k`: where `mn` is the inner axis (the conv module's
             // transposed activations) a fused pass measured no faster.
@@ -364,11 +378,7 @@ impl EvalOp for QuantizePack {
             "QuantizePackI8K4: {:?} input, expected F32",
             input.datum_type()
         );
-        let (k, mn) = (input.shape()[self.k_axis], input.shape()[self.mn_axis]);
-        let stride = |ax: usize| usize::try_from(input.strides()[ax]).ok();
-        let (Some(k_stride), Some(mn_stride)) = (stride(self.k_axis), stride(self.mn_axis)) else {
-            bail!("QuantizePackI8K4: negative strides {:?}", input.strides());
-        };
+        let (k, mn, k_stride, mn_stride) = matrix(input, self.k_axis, self.mn_axis)?;
         let view = input.try_as_plain_ram()?;
         let xs = view.as_slice::<f32>()?;
         let (scale, zero_point) = super::scale_and_zero_point(super::par_min_max(xs)?);
@@ -407,7 +417,7 @@ impl TypedOp for QuantizePack {
             super::packed_fact(
                 inputs[0],
                 DatumType::I8,
-                Box::new(self.format.clone()),
+                vec![Box::new(self.format.clone())],
                 self.k_axis,
                 self.mn_axis
             ),
