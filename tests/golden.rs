@@ -248,6 +248,47 @@ fn a_shared_two_thread_pool_decodes_to_the_same_ids() {
     }
 }
 
+/// Long audio on a two-thread engine runs its pieces side by side, one per
+/// pool thread: the words, their times and the progress must be those of the
+/// same pieces run in turn on one thread, for each graph kind and precision.
+#[test]
+fn pieces_side_by_side_give_the_words_of_pieces_in_turn() {
+    let samples = wav_samples("fixtures/extra/long_70s.wav");
+    for (variant, precision) in [
+        (Variant::Rnnt, Precision::Fp32),
+        (Variant::Rnnt, Precision::Int8),
+        (Variant::Ctc, Precision::Fp32),
+    ] {
+        let one = engine_with_threads(variant, precision, 1);
+        let mut in_turn = one.recognizer().unwrap();
+        let want = in_turn.transcribe(&samples, |_, _| {}).unwrap();
+        assert_eq!(in_turn.lanes(), 1);
+        assert!(
+            want.words.len() >= 20,
+            "{variant:?}: {} words",
+            want.words.len()
+        );
+        let two = engine_with_threads(variant, precision, 2);
+        let mut rec = two.recognizer().unwrap();
+        for round in 0..2 {
+            let mut progress = Vec::new();
+            let got = rec
+                .transcribe(&samples, |done, total| progress.push((done, total)))
+                .unwrap();
+            assert_eq!(rec.lanes(), 2, "{variant:?} {precision:?}: ran in turn");
+            assert_eq!(
+                got.words, want.words,
+                "{variant:?} {precision:?} round {round}"
+            );
+            assert_eq!(got.text, want.text);
+            let total = progress.len();
+            assert!(total >= 4, "{total} pieces");
+            let expected: Vec<_> = (1..=total).map(|d| (d, total)).collect();
+            assert_eq!(progress, expected);
+        }
+    }
+}
+
 #[test]
 fn vad_probabilities_and_segments_match() {
     let text = std::fs::read_to_string(root().join("tests/golden/vad.json")).unwrap();

@@ -215,14 +215,11 @@ impl Engine {
 
     /// A per-worker recognizer (its own run states over the shared plans).
     pub fn recognizer(self: &Arc<Self>) -> Result<Recognizer, SpeechError> {
-        let rnnt = match (&self.decoder, &self.joint) {
-            (Some(d), Some(j)) => Some(rnnt::RnntDecoder::new(d, j, self.vocab.blank())?),
-            _ => None,
-        };
         Ok(Recognizer {
             engine: Arc::clone(self),
-            encoder: self.encoder.pieces.spawn().map_err(inference)?,
-            rnnt,
+            main: Lane::new(self, MAX_SYMBOLS_PER_FRAME)?,
+            side: Vec::new(),
+            max_symbols: MAX_SYMBOLS_PER_FRAME,
             vad: VadStream::new(&self.vad)?,
         })
     }
@@ -251,11 +248,39 @@ pub struct Encoded {
     pub len: usize,
 }
 
+/// How much faster one piece runs split over a pool than on one of its
+/// threads, as a share of the thread count. Measured on the 2-core Intel Xeon,
+/// int8, 10 s: 0.87 s at one thread, 0.59 s at two, 1.47x of 2 (docs/perf.md,
+/// "The thirteenth round"); two pieces side by side keep their one-thread speed.
+const POOLED_EFFICIENCY: f64 = 0.7;
+
+/// Whether pieces of `lens` samples finish sooner side by side on `lanes` of
+/// the pool's `threads`, longest first, each to the lane free first, than one
+/// after another over all the threads. The cost of a piece is taken as its
+/// length.
+fn side_by_side_pays(lens: &[usize], lanes: usize, threads: usize) -> bool {
+    let mut sorted = lens.to_vec();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    let mut ends = vec![0usize; lanes.max(1)];
+    for len in sorted {
+        if let Some(first_free) = ends.iter_mut().min() {
+            *first_free += len;
+        }
+    }
+    let side = ends.into_iter().max().unwrap_or(0) as f64;
+    let pooled = lens.iter().sum::<usize>() as f64 / (threads as f64 * POOLED_EFFICIENCY);
+    side < pooled
+}
+
 /// Per-worker state: run states of every graph, reused for each job.
 pub struct Recognizer {
     engine: Arc<Engine>,
-    encoder: pieces::PiecesState,
-    rnnt: Option<rnnt::RnntDecoder>,
+    /// Runs a single piece, split over the engine's pool.
+    main: Lane,
+    /// With `main`, runs pieces side by side, one per pool thread; made the
+    /// first time a long input needs them.
+    side: Vec<Lane>,
+    max_symbols: usize,
     vad: VadStream,
 }
 
@@ -265,26 +290,43 @@ impl std::fmt::Debug for Recognizer {
     }
 }
 
-impl Recognizer {
-    /// The engine this recognizer runs.
-    pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
+/// How a lane runs the encoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Split {
+    /// Over the engine's pool, started on one of its threads.
+    Pooled,
+    /// On the calling thread alone (a pool thread, beside another lane).
+    Serial,
+}
+
+/// The run states one piece needs: the encoder's and the RNN-T decoder's.
+struct Lane {
+    encoder: pieces::PiecesState,
+    rnnt: Option<rnnt::RnntDecoder>,
+}
+
+impl Lane {
+    fn new(engine: &Engine, max_symbols: usize) -> Result<Lane, SpeechError> {
+        let rnnt = match (&engine.decoder, &engine.joint) {
+            (Some(d), Some(j)) => {
+                let mut r = rnnt::RnntDecoder::new(d, j, engine.vocab.blank())?;
+                r.set_max_symbols(max_symbols);
+                Some(r)
+            }
+            _ => None,
+        };
+        Ok(Lane {
+            encoder: engine.encoder.pieces.spawn().map_err(inference)?,
+            rnnt,
+        })
     }
 
-    /// Sets the RNN-T emission limit per frame (default 10, GigaAM's torch decoder).
-    pub fn set_max_symbols(&mut self, n: usize) {
-        if let Some(r) = self.rnnt.as_mut() {
-            r.set_max_symbols(n);
-        }
-    }
-
-    /// Log-mel features of 16 kHz samples.
-    pub fn features(&self, samples: &[f32]) -> MelFrames {
-        self.engine.features.log_mel(samples)
-    }
-
-    /// Runs the encoder (RNN-T) or the whole CTC graph on features.
-    pub fn encode(&mut self, mel: &MelFrames) -> Result<Encoded, SpeechError> {
+    fn encode(
+        &mut self,
+        engine: &Engine,
+        mel: &MelFrames,
+        split: Split,
+    ) -> Result<Encoded, SpeechError> {
         if mel.frames < model::MIN_ENCODER_FRAMES {
             return Err(SpeechError::Inference(format!(
                 "{} feature frame(s): the encoder needs at least {}",
@@ -295,17 +337,17 @@ impl Recognizer {
         let signal =
             Tensor::from_shape(&[1, features::N_MELS, mel.frames], &mel.data).map_err(inference)?;
         let length = Tensor::from_shape(&[1], &[mel.frames as i64]).map_err(inference)?;
-        let inputs = if self.engine.encoder.signal_first {
+        let inputs = if engine.encoder.signal_first {
             tvec![signal.into_tvalue(), length.into_tvalue()]
         } else {
             tvec![length.into_tvalue(), signal.into_tvalue()]
         };
         let encoder = &mut self.encoder;
-        let out = self
-            .engine
-            .pool
-            .install(|| encoder.run(inputs, tune::run_clean))
-            .map_err(inference)?;
+        let out = match split {
+            Split::Pooled => engine.pool.install(|| encoder.run(inputs, tune::run_clean)),
+            Split::Serial => encoder.run(inputs, tune::run_clean_serial),
+        }
+        .map_err(inference)?;
         let main = out
             .first()
             .ok_or_else(|| SpeechError::Inference("encoder returned nothing".into()))?;
@@ -320,7 +362,7 @@ impl Recognizer {
             .and_then(|v| v.as_slice::<f32>().map(<[f32]>::to_vec))
             .map_err(inference)?;
         // RNN-T: [1, dim, frames]; CTC: [1, frames, classes] (dim = classes).
-        let (dim, frames) = match self.engine.info.variant {
+        let (dim, frames) = match engine.info.variant {
             Variant::Rnnt => (shape[1], shape[2]),
             Variant::Ctc => (shape[2], shape[1]),
         };
@@ -340,15 +382,19 @@ impl Recognizer {
         })
     }
 
-    /// Tokens of one piece of audio (at most [`segment::MAX_SEGMENT_SECS`]).
-    pub fn tokens(&mut self, samples: &[f32]) -> Result<Vec<Token>, SpeechError> {
-        let mel = self.features(samples);
+    fn tokens(
+        &mut self,
+        engine: &Engine,
+        samples: &[f32],
+        split: Split,
+    ) -> Result<Vec<Token>, SpeechError> {
+        let mel = engine.features.log_mel(samples);
         // Under 30 ms (fewer than two frames) cannot hold a word.
         if mel.frames < model::MIN_ENCODER_FRAMES {
             return Ok(Vec::new());
         }
-        let encoded = self.encode(&mel)?;
-        let blank = self.engine.vocab.blank();
+        let encoded = self.encode(engine, &mel, split)?;
+        let blank = engine.vocab.blank();
         match self.rnnt.as_mut() {
             Some(r) => {
                 if r.enc_dim() != encoded.dim {
@@ -362,6 +408,67 @@ impl Recognizer {
             }
             None => ctc::decode(&encoded.data, encoded.dim, encoded.len, blank),
         }
+    }
+
+    /// Words of one planned piece (absolute times, only those it keeps).
+    fn planned(
+        &mut self,
+        engine: &Engine,
+        samples: &[f32],
+        piece: &segment::Piece,
+        split: Split,
+    ) -> Result<Vec<Word>, SpeechError> {
+        let rate = SAMPLE_RATE_HZ as f64;
+        let slice = samples
+            .get(piece.samples.clone())
+            .ok_or_else(|| SpeechError::Inference("piece outside the audio".into()))?;
+        let tokens = self.tokens(engine, slice, split)?;
+        let words = engine
+            .vocab
+            .words(&tokens, piece.samples.start as f64 / rate);
+        let (lo, hi) = (piece.keep.start as f64 / rate, piece.keep.end as f64 / rate);
+        Ok(words
+            .into_iter()
+            .filter(|w| w.start >= lo && (w.start < hi || piece.keep.end == piece.samples.end))
+            .collect())
+    }
+}
+
+impl Recognizer {
+    /// The engine this recognizer runs.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Sets the RNN-T emission limit per frame (default 10, GigaAM's torch decoder).
+    pub fn set_max_symbols(&mut self, n: usize) {
+        self.max_symbols = n;
+        for lane in std::iter::once(&mut self.main).chain(&mut self.side) {
+            if let Some(r) = lane.rnnt.as_mut() {
+                r.set_max_symbols(n);
+            }
+        }
+    }
+
+    /// Encoder run states this recognizer holds: one, and one more per pool
+    /// thread once a long input has run side by side.
+    pub fn lanes(&self) -> usize {
+        1 + self.side.len()
+    }
+
+    /// Log-mel features of 16 kHz samples.
+    pub fn features(&self, samples: &[f32]) -> MelFrames {
+        self.engine.features.log_mel(samples)
+    }
+
+    /// Runs the encoder (RNN-T) or the whole CTC graph on features.
+    pub fn encode(&mut self, mel: &MelFrames) -> Result<Encoded, SpeechError> {
+        self.main.encode(&self.engine, mel, Split::Pooled)
+    }
+
+    /// Tokens of one piece of audio (at most [`segment::MAX_SEGMENT_SECS`]).
+    pub fn tokens(&mut self, samples: &[f32]) -> Result<Vec<Token>, SpeechError> {
+        self.main.tokens(&self.engine, samples, Split::Pooled)
     }
 
     /// Words of one piece, times shifted by `offset_secs`.
@@ -407,20 +514,76 @@ impl Recognizer {
         samples: &[f32],
         piece: &segment::Piece,
     ) -> Result<Vec<Word>, SpeechError> {
-        let rate = SAMPLE_RATE_HZ as f64;
-        let slice = samples
-            .get(piece.samples.clone())
-            .ok_or_else(|| SpeechError::Inference("piece outside the audio".into()))?;
-        let words = self.transcribe_piece(slice, piece.samples.start as f64 / rate)?;
-        let (lo, hi) = (piece.keep.start as f64 / rate, piece.keep.end as f64 / rate);
-        Ok(words
-            .into_iter()
-            .filter(|w| w.start >= lo && (w.start < hi || piece.keep.end == piece.samples.end))
-            .collect())
+        self.main
+            .planned(&self.engine, samples, piece, Split::Pooled)
     }
 
-    /// Whole pipeline: plan pieces, transcribe each in turn, stitch.
-    /// `progress(done, total)` is called after each piece.
+    /// Words of each planned piece, handed to `done(i, words)` in the order of
+    /// `pieces`. With a pool, pieces run side by side, one per thread, where
+    /// that is expected to finish sooner than each in turn over the whole pool
+    /// ([`side_by_side_pays`]).
+    pub fn transcribe_pieces(
+        &mut self,
+        samples: &[f32],
+        pieces: &[segment::Piece],
+        mut done: impl FnMut(usize, Vec<Word>),
+    ) -> Result<(), SpeechError> {
+        let lens: Vec<usize> = pieces.iter().map(|p| p.samples.len()).collect();
+        let threads = self.engine.pool.threads();
+        let lanes = threads.min(pieces.len());
+        if lanes < 2 || !side_by_side_pays(&lens, lanes, threads) {
+            for (i, piece) in pieces.iter().enumerate() {
+                done(i, self.transcribe_planned(samples, piece)?);
+            }
+            return Ok(());
+        }
+        while self.side.len() + 1 < lanes {
+            self.side.push(Lane::new(&self.engine, self.max_symbols)?);
+        }
+        // Longest first, so that no long piece starts last and runs alone.
+        let mut order: Vec<usize> = (0..pieces.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(lens[i]));
+        let engine = &*self.engine;
+        let workers: Vec<&mut Lane> = std::iter::once(&mut self.main)
+            .chain(&mut self.side)
+            .take(lanes)
+            .collect();
+        let mut finished: Vec<Option<Vec<Word>>> = vec![None; pieces.len()];
+        let mut next = 0;
+        let mut failure = None;
+        engine.pool.side_by_side(
+            workers,
+            order.len(),
+            |lane, job| {
+                let i = order[job];
+                (i, lane.planned(engine, samples, &pieces[i], Split::Serial))
+            },
+            |_, (i, result)| match result {
+                Ok(words) => {
+                    finished[i] = Some(words);
+                    while let Some(words) = finished.get_mut(next).and_then(Option::take) {
+                        done(next, words);
+                        next += 1;
+                    }
+                    true
+                }
+                Err(e) => {
+                    failure.get_or_insert(e);
+                    false
+                }
+            },
+        );
+        match failure {
+            Some(e) => Err(e),
+            None if next < pieces.len() => Err(SpeechError::Inference(
+                "a piece run side by side returned nothing".into(),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Whole pipeline: plan pieces, transcribe them (side by side where that
+    /// pays), stitch. `progress(done, total)` is called after each piece, in order.
     pub fn transcribe(
         &mut self,
         samples: &[f32],
@@ -428,11 +591,32 @@ impl Recognizer {
     ) -> Result<Transcript, SpeechError> {
         let pieces = self.plan_pieces(samples)?;
         let mut transcript = Transcript::for_samples(samples.len());
-        for (i, piece) in pieces.iter().enumerate() {
-            let words = self.transcribe_planned(samples, piece)?;
-            transcript.push_piece(piece, words);
+        self.transcribe_pieces(samples, &pieces, |i, words| {
+            transcript.push_piece(&pieces[i], words);
             progress(i + 1, pieces.len());
-        }
+        })?;
         Ok(transcript)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn side_by_side_pays_where_the_lanes_stay_busy() {
+        let s = SAMPLE_RATE_HZ;
+        // The 60 s benchmark prefix: 13 pieces of 1.1-4.9 s.
+        let many = [49, 11, 30, 42, 25, 18, 37, 22, 45, 14, 28, 33, 20].map(|d| d * s / 10);
+        assert!(side_by_side_pays(&many, 2, 2));
+        // Two hard-cut halves of one long region.
+        assert!(side_by_side_pays(&[25 * s, 25 * s], 2, 2));
+        assert!(side_by_side_pays(&[25 * s, 24 * s, 12 * s], 2, 2));
+        // One long piece and a short one: the long one alone on one thread
+        // takes longer than both over two.
+        assert!(!side_by_side_pays(&[25 * s, 2 * s], 2, 2));
+        // Two pieces on a four-thread pool use two of its threads.
+        assert!(!side_by_side_pays(&[10 * s, 10 * s], 2, 4));
+        assert!(side_by_side_pays(&[10 * s; 4], 4, 4));
     }
 }

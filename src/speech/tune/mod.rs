@@ -184,6 +184,22 @@ pub fn run_clean(state: &mut TypedSimpleState, inputs: TVec<TValue>) -> TractRes
     })
 }
 
+/// [`run_clean`] with every node on the calling thread, whatever executor the
+/// plan was built with (a plan puts its own around each run): for runs side by
+/// side on a pool's threads, each of which must not split work over the pool.
+pub fn run_clean_serial(
+    state: &mut TypedSimpleState,
+    inputs: TVec<TValue>,
+) -> TractResult<TVec<TValue>> {
+    state.run_plan_with_eval(inputs, |ctx, op_state, node, node_inputs| {
+        clear_avx_upper();
+        tract_linalg::multithread::multithread_tract_scope(
+            tract_linalg::multithread::Executor::SingleThread,
+            || tract_onnx::tract_core::plan::eval(ctx, op_state, node, node_inputs),
+        )
+    })
+}
+
 /// Leaves the CPU's AVX registers with clean upper halves (a `VZEROUPPER`),
 /// so that code compiled for baseline x86-64 (SSE, as this crate and most of
 /// tract are) runs at full speed.
