@@ -2,7 +2,8 @@
 //! shared [`Engine`] (weights in memory once, whatever the pool size).
 //!
 //! Work is queued per job, not per connection: an upload is cut into pieces and
-//! each piece is a job; each WebSocket utterance is a job. Streaming jobs go
+//! each piece is a job (a few pieces, run side by side, where a worker has
+//! several threads); each WebSocket utterance is a job. Streaming jobs go
 //! ahead of batch jobs so a long upload cannot starve live streams. The queue is
 //! bounded; a job that cannot start before its deadline is answered
 //! [`PoolError::Saturated`] without running. A panicking job is fenced: its
@@ -21,6 +22,13 @@ use crate::speech::{Engine, Recognizer, SpeechError, Transcript};
 
 /// Jobs that may wait in the queue per worker before new ones are refused.
 pub const QUEUE_SLOTS_PER_WORKER: usize = 64;
+
+/// Pieces of an upload one job takes, per encoder thread of a worker. At one
+/// thread a job is one piece; with more, the worker runs a job's pieces side
+/// by side, one per thread (`Recognizer::transcribe_pieces`), and a few per
+/// thread let it balance long pieces against short ones. A live stream's job
+/// waits at most one such job.
+pub const PIECES_PER_THREAD: usize = 2;
 
 /// Which queue a job goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +123,8 @@ pub struct PoolStats {
 pub struct Pool {
     inner: Arc<Inner>,
     size: usize,
+    /// Pieces of an upload per job (see [`PIECES_PER_THREAD`]).
+    pieces_per_job: usize,
     workers: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -164,9 +174,16 @@ impl Pool {
                 .map_err(|e| SpeechError::Inference(format!("cannot start worker: {e}")))?;
             workers.push(handle);
         }
+        let threads = engine.info().encoder_threads;
+        let pieces_per_job = if threads > 1 {
+            threads * PIECES_PER_THREAD
+        } else {
+            1
+        };
         Ok(Pool {
             inner,
             size,
+            pieces_per_job,
             workers: Mutex::new(workers),
         })
     }
@@ -268,8 +285,10 @@ impl Pool {
     }
 
     /// Second step: pieces run as batch jobs, at most `size` in flight, stitched
-    /// in order. Once admitted an upload runs to the end (no deadline).
-    /// `on_event` gets each finished segment, and a heartbeat every `heartbeat`.
+    /// in order. A job is one piece, or a few where workers have several
+    /// threads ([`PIECES_PER_THREAD`]). Once admitted an upload runs to the end
+    /// (no deadline). `on_event` gets each finished segment, and a heartbeat
+    /// every `heartbeat`.
     pub fn transcribe_pieces(
         &self,
         samples: &Arc<Vec<f32>>,
@@ -279,29 +298,35 @@ impl Pool {
     ) -> Result<Transcript, PoolError> {
         let mut transcript = Transcript::for_samples(samples.len());
         let mut in_flight = VecDeque::new();
-        let mut next = 0;
-        while next < pieces.len() || !in_flight.is_empty() {
-            while next < pieces.len() && in_flight.len() < self.size {
-                let piece = pieces[next].clone();
+        let mut jobs = pieces.chunks(self.pieces_per_job.max(1));
+        loop {
+            while in_flight.len() < self.size {
+                let Some(batch) = jobs.next() else { break };
+                let owned = batch.to_vec();
                 let s = Arc::clone(samples);
                 let pending = self.submit(Priority::Batch, None, move |rec| {
-                    rec.transcribe_planned(&s, &piece)
+                    let mut words = Vec::with_capacity(owned.len());
+                    rec.transcribe_pieces(&s, &owned, |_, w| words.push(w))?;
+                    Ok(words)
                 })?;
-                in_flight.push_back((&pieces[next], pending));
-                next += 1;
+                in_flight.push_back((batch, pending));
             }
-            if let Some((piece, pending)) = in_flight.pop_front() {
-                let words = loop {
-                    match pending.rx.recv_timeout(heartbeat) {
-                        Ok(r) => break r?,
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                            on_event(Event::Heartbeat)
-                        }
-                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                            return Err(PoolError::Failed);
-                        }
+            let Some((batch, pending)) = in_flight.pop_front() else {
+                break;
+            };
+            let words = loop {
+                match pending.rx.recv_timeout(heartbeat) {
+                    Ok(r) => break r?,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => on_event(Event::Heartbeat),
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        return Err(PoolError::Failed);
                     }
-                };
+                }
+            };
+            if words.len() != batch.len() {
+                return Err(PoolError::Failed);
+            }
+            for (piece, words) in batch.iter().zip(words) {
                 let before = transcript.segments.len();
                 transcript.push_piece(piece, words);
                 if transcript.segments.len() > before {

@@ -848,6 +848,41 @@ fn sse_stream_sends_partials_then_a_final() {
     assert_eq!(last["text"], plain["text"]);
 }
 
+/// One worker of two threads takes an upload's pieces a few at a time and
+/// runs them side by side: the partials still come one per segment in order,
+/// and the text is that of one-thread workers taking one piece each.
+#[test]
+fn a_two_thread_worker_streams_the_same_text_as_one_thread_workers() {
+    let body = fixture_bytes("extra/long_70s.wav");
+    let want = Server::start(&["--pool-size", "2", "--threads", "1"])
+        .post("/v1/transcribe", &body)
+        .json();
+    let server = Server::start(&["--pool-size", "1", "--threads", "2"]);
+    let r = server.post("/v1/transcribe/stream", &body);
+    assert_eq!(r.status, 200);
+    let events: Vec<serde_json::Value> = r
+        .text()
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| serde_json::from_str(d.trim()).unwrap())
+        .collect();
+    let partials: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "partial")
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    assert!(partials.len() >= 2, "{} partials", partials.len());
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "final");
+    assert_eq!(last["text"], want["text"]);
+    // One partial per segment, in order.
+    assert_eq!(partials.join(" "), want["text"].as_str().unwrap());
+    assert_eq!(
+        server.post("/v1/transcribe", &body).json()["words"],
+        want["words"]
+    );
+}
+
 #[test]
 fn sse_stream_of_a_short_file_has_the_golden_text() {
     let server = Server::start(&[]);
