@@ -59,8 +59,8 @@ impl Pool {
     ///
     /// Jobs side by side use the cores better than one job split over them:
     /// two one-thread encoder runs at once each keep their one-thread speed,
-    /// where one run split over two threads is only 1.35-1.5x faster
-    /// (docs/perf.md, "The thirteenth round").
+    /// where one run split over two threads of a shared machine was 1.3-2x
+    /// faster by the minute (docs/perf.md, "The thirteenth round").
     pub(crate) fn side_by_side<W: Send, T: Send>(
         &self,
         mut workers: Vec<W>,
