@@ -298,7 +298,7 @@ impl Pool {
     ) -> Result<Transcript, PoolError> {
         let mut transcript = Transcript::for_samples(samples.len());
         let mut in_flight = VecDeque::new();
-        let mut jobs = pieces.chunks(self.pieces_per_job.max(1));
+        let mut jobs = pieces.chunks(self.pieces_per_job);
         loop {
             while in_flight.len() < self.size {
                 let Some(batch) = jobs.next() else { break };

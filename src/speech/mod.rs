@@ -219,7 +219,6 @@ impl Engine {
             engine: Arc::clone(self),
             main: Lane::new(self, MAX_SYMBOLS_PER_FRAME)?,
             side: Vec::new(),
-            max_symbols: MAX_SYMBOLS_PER_FRAME,
             vad: VadStream::new(&self.vad)?,
         })
     }
@@ -280,7 +279,6 @@ pub struct Recognizer {
     /// With `main`, runs pieces side by side, one per pool thread; made the
     /// first time a long input needs them.
     side: Vec<Lane>,
-    max_symbols: usize,
     vad: VadStream,
 }
 
@@ -319,6 +317,13 @@ impl Lane {
             encoder: engine.encoder.pieces.spawn().map_err(inference)?,
             rnnt,
         })
+    }
+
+    /// The RNN-T emission limit per frame its decoder keeps.
+    fn max_symbols(&self) -> usize {
+        self.rnnt
+            .as_ref()
+            .map_or(MAX_SYMBOLS_PER_FRAME, rnnt::RnntDecoder::max_symbols)
     }
 
     fn encode(
@@ -442,7 +447,6 @@ impl Recognizer {
 
     /// Sets the RNN-T emission limit per frame (default 10, GigaAM's torch decoder).
     pub fn set_max_symbols(&mut self, n: usize) {
-        self.max_symbols = n;
         for lane in std::iter::once(&mut self.main).chain(&mut self.side) {
             if let Some(r) = lane.rnnt.as_mut() {
                 r.set_max_symbols(n);
@@ -538,7 +542,8 @@ impl Recognizer {
             return Ok(());
         }
         while self.side.len() + 1 < lanes {
-            self.side.push(Lane::new(&self.engine, self.max_symbols)?);
+            let max_symbols = self.main.max_symbols();
+            self.side.push(Lane::new(&self.engine, max_symbols)?);
         }
         // Longest first, so that no long piece starts last and runs alone.
         let mut order: Vec<usize> = (0..pieces.len()).collect();

@@ -79,6 +79,11 @@ impl RnntDecoder {
         self.max_symbols = n.max(1);
     }
 
+    /// The per-frame emission limit.
+    pub(crate) fn max_symbols(&self) -> usize {
+        self.max_symbols
+    }
+
     /// Decodes `frames` encoder frames of `encoded` (`[enc_dim, stride]` row-major).
     pub(crate) fn decode(
         &mut self,

@@ -178,10 +178,7 @@ pub fn rewrite_optimized(
 /// Runs a plan like `state.run(inputs)`, clearing the upper halves of the AVX
 /// registers before each node (see [`clear_avx_upper`]).
 pub fn run_clean(state: &mut TypedSimpleState, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-    state.run_plan_with_eval(inputs, |ctx, op_state, node, node_inputs| {
-        clear_avx_upper();
-        tract_onnx::tract_core::plan::eval(ctx, op_state, node, node_inputs)
-    })
+    state.run_plan_with_eval(inputs, eval_clean)
 }
 
 /// [`run_clean`] with every node on the calling thread, whatever executor the
@@ -192,12 +189,22 @@ pub fn run_clean_serial(
     inputs: TVec<TValue>,
 ) -> TractResult<TVec<TValue>> {
     state.run_plan_with_eval(inputs, |ctx, op_state, node, node_inputs| {
-        clear_avx_upper();
         tract_linalg::multithread::multithread_tract_scope(
             tract_linalg::multithread::Executor::SingleThread,
-            || tract_onnx::tract_core::plan::eval(ctx, op_state, node, node_inputs),
+            || eval_clean(ctx, op_state, node, node_inputs),
         )
     })
+}
+
+/// One node's evaluation, after clearing the AVX upper state.
+fn eval_clean(
+    ctx: &EvalContext,
+    op_state: Option<&mut (dyn OpState + 'static)>,
+    node: &TypedNode,
+    inputs: TVec<TValue>,
+) -> TractResult<TVec<TValue>> {
+    clear_avx_upper();
+    tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs)
 }
 
 /// Leaves the CPU's AVX registers with clean upper halves (a `VZEROUPPER`),
