@@ -11,6 +11,9 @@
 //!   output is larger than its input before looking at where the chain ends, so
 //!   the int8 column sums `Reduce<Sum>(Cast<i32>(weights))` run on every call.
 //!   The sums are taken by rows (`integer_sum`), not by tract's column walk.
+//! - [`optimize`] with [`fold_weight_sums`]: tract's optimiser casts each int8
+//!   weight to i32 in every round, only to find the cast too large to keep;
+//!   the sums it is made for are taken from the bytes before that.
 //! - [`FastDynamicQuantize`]: tract's `DynamicQuantizeLinear` is a scalar loop
 //!   (a libm call per element for the rounding); this one vectorises.
 //! - [`retarget_weight_matmuls`]: with a symbolic time axis tract gives the fp32
@@ -460,6 +463,136 @@ fn initializer_is_zero(t: &tract_onnx::pb::TensorProto) -> bool {
     } else {
         !t.int32_data.is_empty() && t.int32_data.iter().all(|v| *v == 0)
     }
+}
+
+/// tract's optimiser ([`TypedModel::optimize`]) with [`fold_weight_sums`] run
+/// at the start of each of its rounds, so that the int8 weights' sums are
+/// folded as soon as tract's lowering makes them, before its constant
+/// propagation. That propagation casts each weight to i32 to see what the
+/// cast would cost, finds it four times the weight, throws it away, and does it
+/// again in every round (docs/perf.md, "The fourteenth round"). Adds the folds
+/// to `done`.
+pub fn optimize(model: &mut TypedModel, done: &mut Rewrites) -> TractResult<()> {
+    let folded = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut optimizer = tract_onnx::tract_core::optim::Optimizer::codegen();
+    optimizer.add_pass(
+        0,
+        Box::new(WeightSumsPass {
+            folded: folded.clone(),
+        }),
+    );
+    model.optimize_with_session(&mut optimizer.session())?;
+    done.folded += folded.load(std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// [`fold_weight_sums`] as a pass of tract's optimiser. The optimiser clones
+/// its passes for each round, so the count is shared.
+#[derive(Debug, Clone)]
+struct WeightSumsPass {
+    folded: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl tract_onnx::tract_core::optim::TypedPass for WeightSumsPass {
+    fn reset(&mut self) -> TractResult<()> {
+        Ok(())
+    }
+
+    fn next(
+        &mut self,
+        _session: &mut tract_onnx::tract_core::optim::OptimizerSession,
+        _model: &TypedModel,
+    ) -> TractResult<Option<TypedModelPatch>> {
+        Ok(None)
+    }
+
+    fn run_direct(&mut self, model: &mut TypedModel) -> TractResult<bool> {
+        let folded = fold_weight_sums(model)?;
+        self.folded
+            .fetch_add(folded, std::sync::atomic::Ordering::Relaxed);
+        Ok(folded > 0)
+    }
+}
+
+/// Replaces each `Reduce<Sum>(Cast<i32>(w))` of a constant int8 or uint8
+/// weight `w` (tract's zero-point correction of an int8 matmul) by the sums,
+/// taken from the bytes without an i32 copy of the weight. The same integers
+/// as tract's cast and reduction. Returns how many were replaced.
+pub fn fold_weight_sums(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::ops::cast::Cast;
+    use tract_onnx::tract_core::ops::nn::{Reduce, Reducer};
+    let mut found = Vec::new();
+    for node in &model.nodes {
+        let Some(cast) = node.op_as::<Cast>() else {
+            continue;
+        };
+        let [input] = node.inputs.as_slice() else {
+            continue;
+        };
+        let Some(weights) = model.node(input.node).op_as::<Const>() else {
+            continue;
+        };
+        let bytes = [i8::datum_type(), u8::datum_type()];
+        if cast.to != i32::datum_type() || !bytes.contains(&weights.val().datum_type()) {
+            continue;
+        }
+        let Some(reduce) = model.single_succ(node.id)? else {
+            continue;
+        };
+        let Some(op) = reduce.op_as::<Reduce>() else {
+            continue;
+        };
+        if let ([axis], Reducer::Sum, 1) = (op.axes.as_slice(), op.reducer, reduce.inputs.len()) {
+            found.push((reduce.id, weights.val().clone(), *axis));
+        }
+    }
+    for (reduce, weights, axis) in &found {
+        let sums = if weights.datum_type() == i8::datum_type() {
+            byte_sums::<i8>(weights, *axis)?
+        } else {
+            byte_sums::<u8>(weights, *axis)?
+        };
+        let mut patch = TypedModelPatch::new("fold weight sums");
+        let name = format!("{}.folded", model.node(*reduce).name);
+        let wire = patch.wire_node(name, Const::new(sums.into_arc_tensor())?, &[])?[0];
+        patch.shunt_outside(model, OutletId::new(*reduce, 0), wire)?;
+        patch.apply(model)?;
+    }
+    Ok(found.len())
+}
+
+/// The i32 sums of `weights` over `axis`, which stays as an axis of one.
+fn byte_sums<T: Datum + Copy + Into<i32>>(weights: &Tensor, axis: usize) -> TractResult<Tensor> {
+    let shape = weights.shape();
+    ensure!(axis < shape.len(), "reduced axis {axis} out of rank");
+    let outer: usize = shape[..axis].iter().product();
+    let k = shape[axis];
+    let inner: usize = shape[axis + 1..].iter().product();
+    let view = weights.try_as_plain_ram()?;
+    let values = view.as_slice::<T>()?;
+    let mut sums = vec![0i32; outer * inner];
+    if inner == 0 || k == 0 {
+        // Nothing to add: the sums of empty rows are zero.
+    } else if inner == 1 {
+        for (sum, row) in sums.iter_mut().zip(values.chunks_exact(k)) {
+            *sum = row.iter().fold(0i32, |acc, &x| acc.wrapping_add(x.into()));
+        }
+    } else {
+        // Row after row into one row of sums: the loop the vectoriser takes.
+        for (out, block) in sums
+            .chunks_exact_mut(inner)
+            .zip(values.chunks_exact(k * inner))
+        {
+            for row in block.chunks_exact(inner) {
+                for (sum, &x) in out.iter_mut().zip(row) {
+                    *sum = sum.wrapping_add(x.into());
+                }
+            }
+        }
+    }
+    let mut kept = shape.to_vec();
+    kept[axis] = 1;
+    Tensor::from_shape(&kept, &sums)
 }
 
 /// Folds chains that start at a node whose inputs are all constants and run
@@ -1438,6 +1571,62 @@ mod tests {
             "models/gigaam-v3-full-random/gen",
             "v3_e2e_rnnt_encoder.onnx",
         );
+    }
+
+    /// A weight's sums over each axis, folded from the bytes, against tract's
+    /// cast and reduction of the same graph: i8 and u8, with the extremes.
+    #[test]
+    fn weight_sums_are_tracts_sums() {
+        use tract_onnx::tract_core::ops::cast::cast;
+        use tract_onnx::tract_core::ops::nn::{Reduce, Reducer};
+        fn graph(weights: Tensor, axis: usize) -> TypedModel {
+            let mut model = TypedModel::default();
+            let w = model.add_const("w", weights).expect("const");
+            let wide = model
+                .wire_node("wide", cast(i32::datum_type()), &[w])
+                .expect("cast")[0];
+            let sums = model
+                .wire_node("sums", Reduce::new(tvec![axis], Reducer::Sum), &[wide])
+                .expect("reduce");
+            model.select_output_outlets(&sums).expect("outputs");
+            model
+        }
+        let shape = [3usize, 5, 7];
+        let len = shape.iter().product::<usize>();
+        let signed: Vec<i8> = (0..len)
+            .map(|i| [i8::MIN, i8::MAX, -1, 0, 1, 37][i % 6].wrapping_add((i / 6) as i8))
+            .collect();
+        let unsigned: Vec<u8> = signed.iter().map(|&x| x as u8).collect();
+        let weights = [
+            Tensor::from_shape(&shape, &signed).expect("i8"),
+            Tensor::from_shape(&shape, &unsigned).expect("u8"),
+        ];
+        for w in weights {
+            for axis in 0..shape.len() {
+                let expected = graph(w.clone(), axis)
+                    .into_runnable()
+                    .expect("plan")
+                    .run(tvec![])
+                    .expect("run");
+                let mut model = graph(w.clone(), axis);
+                assert_eq!(fold_weight_sums(&mut model).expect("fold"), 1);
+                let model = model.into_compact().expect("compact");
+                assert!(
+                    !model
+                        .nodes
+                        .iter()
+                        .any(|n| n.op.name().starts_with("Reduce")),
+                    "{:?} axis {axis}: the reduction is still there",
+                    w.datum_type()
+                );
+                let got = model
+                    .into_runnable()
+                    .expect("plan")
+                    .run(tvec![])
+                    .expect("run");
+                assert_eq!(expected[0], got[0], "{:?} axis {axis}", w.datum_type());
+            }
+        }
     }
 
     /// The int8 pattern at full size: column sums of a weight too large for
