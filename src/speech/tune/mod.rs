@@ -932,6 +932,61 @@ pub fn retarget_weight_matmuls(model: &mut TypedModel, n_hint: usize) -> TractRe
     Ok(done)
 }
 
+/// `weights` packed for `to` straight from their panels, when both formats
+/// are tract's plain f32 panels and `to`'s panels are a whole fraction of
+/// theirs (AVX-512: 64 rows into 16): each new panel is, record by record, a
+/// run of rows of an old one. The bytes tract's packing writes for every row
+/// of the matrix; rows past its end and the padding are zeros. `None` for any
+/// other pair of formats.
+fn split_panels(
+    weights: &tract_linalg::mmm::EagerPackedInput,
+    to: &dyn MMMInputFormat,
+) -> Option<TractResult<Box<dyn MMMInputValue>>> {
+    use tract_linalg::mmm::{EagerPackedInput, PackedExoticFact};
+    use tract_linalg::pack::PackedFormat;
+    let from = weights.format().downcast_ref::<PackedFormat>()?;
+    let to = to.downcast_ref::<PackedFormat>()?;
+    let f32_panels = |f: &PackedFormat| f.dt == f32::datum_type() && f.r > 0;
+    if !f32_panels(from) || !f32_panels(to) || from.r % to.r != 0 {
+        return None;
+    }
+    let split = || -> TractResult<Box<dyn MMMInputValue>> {
+        let (m, k) = (weights.mn(), weights.k());
+        let size = f32::datum_type().size_of();
+        let (from_panel, to_panel) = (
+            from.single_panel_len(k) * size,
+            to.single_panel_len(k) * size,
+        );
+        let source: &[u8] = &weights.packed;
+        ensure!(
+            source.len() >= m.div_ceil(from.r) * from_panel,
+            "short panels"
+        );
+        let mut packed =
+            Blob::from_bytes_alignment(&vec![0u8; to.len(k, m) * size], to.alignment())?;
+        for (panel, out) in packed.chunks_exact_mut(to_panel).enumerate() {
+            let first = panel * to.r;
+            let rows = to.r.min(m - first) * size;
+            let at = first / from.r * from_panel + first % from.r * size;
+            for (record, out) in out.chunks_exact_mut(to.r * size).take(k).enumerate() {
+                let at = at + record * from.r * size;
+                out[..rows].copy_from_slice(&source[at..at + rows]);
+            }
+        }
+        Ok(Box::new(EagerPackedInput {
+            fact: PackedExoticFact {
+                format: Box::new(to.clone()),
+                mn: m.to_dim(),
+                k,
+            },
+            packed: Arc::new(packed),
+            panel_bytes: to_panel,
+            mn: m,
+        }))
+    };
+    Some(split())
+}
+
 /// The re-targeted matmul and its new activation packing, when node `id` is an
 /// fp32 matmul of constant weights by one packed activation matrix whose
 /// kernel is not the one tract would prefer at `n_hint` columns.
@@ -1008,14 +1063,20 @@ fn retarget(
         return Ok(None);
     };
 
-    // Every check passed: the weights, unpacked row by row into one plain
-    // tensor, then packed for the new kernel (the one costly step).
-    let mut plain = Tensor::zero::<f32>(&[m, k])?;
-    let mut rows = plain.try_as_plain_ram_mut()?;
-    for (row, slice) in rows.as_slice_mut::<f32>()?.chunks_exact_mut(k).enumerate() {
-        weights.extract_at_mn_f32(row, slice)?;
-    }
-    let repacked = a_format.prepare_one(&plain, 1, 0)?;
+    // Every check passed: the weights repacked for the new kernel (the one
+    // costly step).
+    let repacked = match split_panels(weights, &*a_format) {
+        Some(split) => split?,
+        None => {
+            // Unpacked row by row into one plain tensor, then packed.
+            let mut plain = Tensor::zero::<f32>(&[m, k])?;
+            let mut rows = plain.try_as_plain_ram_mut()?;
+            for (row, slice) in rows.as_slice_mut::<f32>()?.chunks_exact_mut(k).enumerate() {
+                weights.extract_at_mn_f32(row, slice)?;
+            }
+            a_format.prepare_one(&plain, 1, 0)?
+        }
+    };
 
     let (mr, nr) = (kernel.mr(), kernel.nr());
     let respec = |spec: &OutputStoreSpec| match spec {
@@ -1719,6 +1780,79 @@ mod tests {
         let max = Reduce::new(tvec![0], Reducer::Max);
         let out = model.wire_node("max", max, &[x]).expect("max");
         assert!(integer_sum(model.node(out[0].node), &[t.into_tvalue()]).is_none());
+    }
+
+    /// Weights packed in 64-row panels, split into 16-row ones, against
+    /// tract's packing of the plain matrix for 16 rows: every row the same,
+    /// every byte of the rows the same, the rest zeros. Sizes off the panels'
+    /// widths, padding records and alignments tract uses, and pairs of
+    /// formats it must leave alone.
+    #[test]
+    fn split_panels_are_tracts_packing() {
+        use tract_linalg::mmm::EagerPackedInput;
+        use tract_linalg::pack::PackedFormat;
+        let f32_dt = f32::datum_type();
+        for (m, k) in [
+            (64usize, 8usize),
+            (100, 7),
+            (768, 33),
+            (1, 5),
+            (17, 1),
+            (130, 64),
+        ] {
+            for (pad, align) in [(0usize, 64usize), (1, 128)] {
+                let data: Vec<f32> = (0..m * k).map(|i| i as f32 + 0.25).collect();
+                let plain = Tensor::from_shape(&[m, k], &data).expect("plain");
+                let from = PackedFormat::new(f32_dt, 64, align).with_end_padding_record(pad);
+                let to = PackedFormat::new(f32_dt, 16, align).with_end_padding_record(pad);
+                let packed = from.prepare_one(&plain, 1, 0).expect("64 rows");
+                let packed = packed.downcast_ref::<EagerPackedInput>().expect("eager");
+                let ours = split_panels(packed, &to).expect("applies").expect("split");
+                let ours = ours.downcast_ref::<EagerPackedInput>().expect("eager");
+                let tract = to.prepare_one(&plain, 1, 0).expect("16 rows");
+                let tract = tract.downcast_ref::<EagerPackedInput>().expect("eager");
+                let case = format!("{m}x{k}, padding {pad}, alignment {align}");
+                assert_eq!(ours.packed.len(), tract.packed.len(), "{case}");
+                assert_eq!(ours.panel_bytes, tract.panel_bytes, "{case}");
+                assert_eq!((ours.mn(), ours.k()), (m, k), "{case}");
+                assert!(ours.format().dyn_eq(&to), "{case}");
+                let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
+                for row in 0..m {
+                    ours.extract_at_mn_f32(row, &mut a).expect("ours");
+                    tract.extract_at_mn_f32(row, &mut b).expect("tract");
+                    assert_eq!(a, b, "{case}, row {row}");
+                    assert_eq!(a, data[row * k..][..k], "{case}, row {row}");
+                }
+                // Byte for byte where tract writes rows; zeros elsewhere.
+                let record = 16 * 4;
+                for (panel, (o, t)) in ours
+                    .packed
+                    .chunks_exact(ours.panel_bytes)
+                    .zip(tract.packed.chunks_exact(tract.panel_bytes))
+                    .enumerate()
+                {
+                    let rows = 16.min(m - panel * 16) * 4;
+                    for (r, (o, t)) in o.chunks(record).zip(t.chunks(record)).enumerate() {
+                        let (valid, rest) = if r < k { (rows, record) } else { (0, record) };
+                        assert_eq!(o[..valid], t[..valid], "{case}, panel {panel}");
+                        assert!(
+                            o[valid..rest.min(o.len())].iter().all(|b| *b == 0),
+                            "{case}, panel {panel}, record {r}"
+                        );
+                    }
+                }
+            }
+        }
+        // Not a whole fraction, or not f32: left to the plain path.
+        let plain = Tensor::from_shape(&[32, 4], &[1f32; 128]).expect("plain");
+        let narrow = PackedFormat::new(f32_dt, 16, 64)
+            .prepare_one(&plain, 1, 0)
+            .expect("16");
+        let narrow = narrow.downcast_ref::<EagerPackedInput>().expect("eager");
+        assert!(split_panels(narrow, &PackedFormat::new(f32_dt, 64, 64)).is_none());
+        assert!(split_panels(narrow, &PackedFormat::new(f32_dt, 12, 64)).is_none());
+        let half = PackedFormat::new(f16::datum_type(), 8, 64);
+        assert!(split_panels(narrow, &half).is_none());
     }
 
     #[test]
