@@ -143,15 +143,28 @@ impl Engine {
             Variant::Rnnt => ("audio_signal", "length"),
             Variant::Ctc => ("features", "feature_lengths"),
         };
-        let (encoder, build) = model::load_encoder(&files.encoder, names, pool.executor())?;
-        let decoder = files
-            .decoder
-            .as_deref()
-            .map(model::load_fixed)
-            .transpose()?;
-        let joint = files.joint.as_deref().map(model::load_fixed).transpose()?;
-        let vad = vad::load_vad(pool.clone())?;
-        let vocab = vocab::Vocab::load(&files.vocab)?;
+        // The small graphs load on a thread of their own while the encoder's
+        // file is read and typed on this one, which leaves the other cores
+        // idle until the encoder's layers are optimised.
+        let small = || -> Result<_, SpeechError> {
+            let decoder = files
+                .decoder
+                .as_deref()
+                .map(model::load_fixed)
+                .transpose()?;
+            let joint = files.joint.as_deref().map(model::load_fixed).transpose()?;
+            let vad = vad::load_vad(pool.clone())?;
+            let vocab = vocab::Vocab::load(&files.vocab)?;
+            Ok((decoder, joint, vad, vocab))
+        };
+        let (encoder, small) = std::thread::scope(|scope| {
+            let small = scope.spawn(small);
+            let encoder = model::load_encoder(&files.encoder, names, pool.executor());
+            (encoder, small.join())
+        });
+        let (encoder, build) = encoder?;
+        let (decoder, joint, vad, vocab) =
+            small.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
         let encoder_dim = match &joint {
             Some(j) => {
                 let ix = rnnt::input_positions(j, ["enc"])?[0];
