@@ -942,7 +942,6 @@ fn split_panels(
     weights: &tract_linalg::mmm::EagerPackedInput,
     to: &dyn MMMInputFormat,
 ) -> Option<TractResult<Box<dyn MMMInputValue>>> {
-    use tract_linalg::mmm::{EagerPackedInput, PackedExoticFact};
     use tract_linalg::pack::PackedFormat;
     let from = weights.format().downcast_ref::<PackedFormat>()?;
     let to = to.downcast_ref::<PackedFormat>()?;
@@ -953,17 +952,16 @@ fn split_panels(
     let split = || -> TractResult<Box<dyn MMMInputValue>> {
         let (m, k) = (weights.mn(), weights.k());
         let size = f32::datum_type().size_of();
-        let (from_panel, to_panel) = (
-            from.single_panel_len(k) * size,
-            to.single_panel_len(k) * size,
-        );
+        let from_panel = from.single_panel_len(k) * size;
         let source: &[u8] = &weights.packed;
         ensure!(
             source.len() >= m.div_ceil(from.r) * from_panel,
             "short panels"
         );
-        let mut packed =
-            Blob::from_bytes_alignment(&vec![0u8; to.len(k, m) * size], to.alignment())?;
+        // tract's own zeroed buffer for `to`, filled in place.
+        let mut split = to.new_packed_buffer(k, m)?;
+        let to_panel = split.panel_bytes;
+        let packed = Arc::get_mut(&mut split.packed).context("a new buffer is shared")?;
         for (panel, out) in packed.chunks_exact_mut(to_panel).enumerate() {
             let first = panel * to.r;
             let rows = to.r.min(m - first) * size;
@@ -973,16 +971,7 @@ fn split_panels(
                 out[..rows].copy_from_slice(&source[at..at + rows]);
             }
         }
-        Ok(Box::new(EagerPackedInput {
-            fact: PackedExoticFact {
-                format: Box::new(to.clone()),
-                mn: m.to_dim(),
-                k,
-            },
-            packed: Arc::new(packed),
-            panel_bytes: to_panel,
-            mn: m,
-        }))
+        Ok(Box::new(split))
     };
     Some(split())
 }
