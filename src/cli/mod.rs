@@ -252,7 +252,7 @@ pub(crate) fn load_engine(
     );
     let r = &info.encoder_rewrites;
     log::info!(
-        "encoder in {} pieces, kernels: {}, our loops: {}; rewrites: {} weights read from the file one at a time, \
+        "encoder in {} pieces ({} with a time symbol of their own), kernels: {}, our loops: {}; rewrites: {} weights read from the file one at a time, \
          {} weight matmuls moved to the long-input kernel, \
          {} row-loop matmuls kept on one thread, {} zero weight zero points dropped, \
          {} constant chains folded, {} quantizers vectorised, {} broadcasting element-wise ops \
@@ -262,6 +262,7 @@ pub(crate) fn load_engine(
          ({} with their bias), {} softmaxes run as rows, {} LayerNorms run as one op each \
          ({} with their scale and bias)",
         info.encoder_pieces,
+        info.encoder_own_symbols,
         info.encoder_kernels,
         info.loop_simd,
         r.weights_from_file,

@@ -102,6 +102,8 @@ pub struct ModelInfo {
     pub loop_simd: &'static str,
     /// Pieces the encoder graph was cut into and optimised as (see [`pieces`]).
     pub encoder_pieces: usize,
+    /// Of those, the pieces optimised with a time symbol of their own.
+    pub encoder_own_symbols: usize,
     /// The encoder's load stages with their wall time.
     pub encoder_stages: String,
     /// Graph rewrites applied to the encoder (see `tune`).
@@ -200,6 +202,7 @@ impl Engine {
             encoder_kernels: build.kernels,
             loop_simd: tune::wide_level(),
             encoder_pieces: build.pieces,
+            encoder_own_symbols: build.own_symbols,
             encoder_stages: build.stages,
             encoder_rewrites: build.rewrites,
         };

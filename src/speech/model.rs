@@ -357,6 +357,7 @@ pub(crate) fn load_encoder_as(
         rewrites,
         kernels,
         pieces: pieces.len(),
+        own_symbols: pieces.own_symbols(),
         stages: stages.done,
     };
     let encoder = Encoder {
@@ -374,6 +375,8 @@ pub(crate) struct EncoderBuild {
     pub kernels: String,
     /// Pieces the encoder was cut into (see [`super::pieces`]).
     pub pieces: usize,
+    /// Pieces sized by a time symbol of their own, not an expression of `T`.
+    pub own_symbols: usize,
     /// Load stages and their wall time: "read 250 ms, typed 110 ms, ...".
     pub stages: String,
 }

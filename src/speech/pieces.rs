@@ -13,11 +13,13 @@
 //! whole graph computes: the tests compare them bit for bit.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::konst::Const;
+use tract_onnx::tract_core::ops::source::TypedSource;
 
 /// A cut graph: runnable pieces and how values flow between them.
 #[derive(Debug)]
@@ -29,6 +31,8 @@ pub struct Pieces {
     slots: usize,
     /// For each graph input, its symbolic axes: (axis, symbol).
     input_symbols: Vec<Vec<(usize, Symbol)>>,
+    /// How many pieces have a time symbol of their own ([`own_time_symbol`]).
+    own_symbols: usize,
 }
 
 #[derive(Debug)]
@@ -40,6 +44,8 @@ struct Piece {
     outputs: Vec<usize>,
     /// Slots whose last reader is this piece (freed after it runs).
     frees: Vec<usize>,
+    /// For each of its inputs, the axes whose size is a bare symbol.
+    symbols: Vec<Vec<(usize, Symbol)>>,
 }
 
 /// A graph cut into parts, before each part is optimised.
@@ -89,23 +95,59 @@ impl Pieces {
             .into_iter()
             .map(|p| (p.model, (p.inputs, p.outputs)))
             .unzip();
-        let plans = finish_all(models, threads, &finish)?;
+        // One symbol of its own for each expression parts' inputs are sized by.
+        let mut own: Vec<(TDim, Symbol)> = vec![];
+        let mut jobs = vec![];
+        for model in models {
+            let local = match input_expression(&model)? {
+                Some(e) => match own.iter().find(|(x, _)| *x == e) {
+                    Some(pair) => Some(pair.clone()),
+                    None => {
+                        let sym = model.symbols.new_with_prefix("L");
+                        model.symbols.add_assertion(format!("{sym} >= 1"))?;
+                        own.push((e.clone(), sym.clone()));
+                        Some((e, sym))
+                    }
+                },
+                None => None,
+            };
+            jobs.push((model, local));
+        }
+        let localised = AtomicUsize::new(0);
+        let plans = finish_all(jobs, threads, &|(model, local): (TypedModel, _)| {
+            // The original is dropped here when replaced, so that the
+            // optimiser's packed weights do not join its unpacked ones.
+            let model = match local.map(|(e, sym)| own_time_symbol(&model, &e, &sym)) {
+                Some(Ok(Some(m))) => {
+                    localised.fetch_add(1, Ordering::Relaxed);
+                    drop(model);
+                    m
+                }
+                Some(Err(e)) => return Err(e),
+                _ => model,
+            };
+            finish(model)
+        })?;
         let pieces = plans
             .into_iter()
             .zip(slots_of)
             .enumerate()
-            .map(|(ix, (plan, (inputs, outputs)))| Piece {
-                plan,
-                inputs,
-                outputs,
-                frees: (0..slots).filter(|&s| last_use[s] == ix).collect(),
+            .map(|(ix, (plan, (inputs, outputs)))| {
+                Ok(Piece {
+                    symbols: symbolic_axes(plan.model())?,
+                    plan,
+                    inputs,
+                    outputs,
+                    frees: (0..slots).filter(|&s| last_use[s] == ix).collect(),
+                })
             })
-            .collect();
+            .collect::<TractResult<_>>()?;
         Ok(Pieces {
             pieces,
             outputs: graph_outputs,
             slots,
             input_symbols,
+            own_symbols: localised.into_inner(),
         })
     }
 
@@ -117,6 +159,7 @@ impl Pieces {
         let outputs = model.output_outlets()?.len();
         Ok(Pieces {
             pieces: vec![Piece {
+                symbols: input_symbols.clone(),
                 plan,
                 inputs: (0..inputs).collect(),
                 outputs: (inputs..inputs + outputs).collect(),
@@ -125,7 +168,14 @@ impl Pieces {
             outputs: (inputs..inputs + outputs).collect(),
             slots: inputs + outputs,
             input_symbols,
+            own_symbols: 0,
         })
+    }
+
+    /// How many pieces have a time symbol of their own instead of an
+    /// expression of the graph's.
+    pub fn own_symbols(&self) -> usize {
+        self.own_symbols
     }
 
     /// How many pieces the graph was cut into.
@@ -306,6 +356,143 @@ fn cut(model: &TypedModel) -> TractResult<Cut> {
     })
 }
 
+/// Sizes of a part's time axis, to check a re-sized part against the original
+/// with: the first few lengths, where rounding in the subsampling bites, and
+/// some long ones.
+const CHECK_LENGTHS: [i64; 8] = [2, 3, 4, 5, 6, 7, 1000, 3001];
+
+/// The one expression a part's inputs are sized by, when it is not a bare
+/// symbol: after the encoder's subsampling, `(T+3)/4` in every layer.
+fn input_expression(part: &TypedModel) -> TractResult<Option<TDim>> {
+    let mut found: Option<TDim> = None;
+    for &o in part.input_outlets()? {
+        for d in part.outlet_fact(o)?.shape.iter() {
+            if d.to_i64().is_ok() {
+                continue;
+            }
+            match &found {
+                Some(e) if e == d => {}
+                Some(_) => return Ok(None),
+                None => found = Some(d.clone()),
+            }
+        }
+    }
+    Ok(found.filter(|e| {
+        !matches!(e, TDim::Sym(_))
+            && e.symbols().len() == 1
+            && (e.clone() - 1).prove_positive_or_zero()
+    }))
+}
+
+/// `part` with its inputs sized by `own` where they were sized by
+/// `expression` (see [`input_expression`]), and every shape in it re-derived
+/// from those; `None` where the re-sized part's shapes are not those of
+/// `part` for every length in [`CHECK_LENGTHS`], or still mention the graph's
+/// symbol.
+///
+/// tract proves facts about the sizes of every binary op's inputs in every
+/// optimiser round (which input to broadcast, whether to swap them). With
+/// `(T+3)/4` in every shape, simplifying those expressions was 18 % of the
+/// int8 encoder's load on the Intel Xeon (docs/perf.md, the fifteenth round);
+/// with a bare symbol they are trivial. The piece is run on its inputs, and
+/// [`PiecesState::run`] reads `own` off them.
+fn own_time_symbol(
+    part: &TypedModel,
+    expression: &TDim,
+    own: &Symbol,
+) -> TractResult<Option<TypedModel>> {
+    let Some(old) = expression.symbols().into_iter().next() else {
+        return Ok(None);
+    };
+    let to = TDim::Sym(own.clone());
+    let mut local = part.clone();
+    for node in &mut local.nodes {
+        if let Some(source) = node.op_as::<TypedSource>() {
+            let mut fact = source.fact.clone();
+            fact.shape = fact
+                .shape
+                .iter()
+                .map(|d| replaced(d, expression, &to))
+                .collect::<TractResult<TVec<_>>>()?
+                .into();
+            node.op = Box::new(TypedSource { fact });
+        } else if let Some(k) = node.op_as::<Const>() {
+            if k.val().datum_type() != TDim::datum_type() {
+                continue;
+            }
+            let dims = k
+                .val()
+                .try_as_plain_ram()?
+                .as_slice::<TDim>()?
+                .iter()
+                .map(|d| replaced(d, expression, &to))
+                .collect::<TractResult<Vec<_>>>()?;
+            let tensor = tract_ndarray::ArrayD::from_shape_vec(k.val().shape(), dims)?;
+            node.op = Box::new(Const::new(Arc::new(tensor.into()))?);
+        }
+    }
+    local.refresh_output_facts()?;
+    for length in CHECK_LENGTHS {
+        let at = SymbolValues::default().with(&old, length);
+        let Ok(size) = expression.eval_to_i64(&at) else {
+            return Ok(None);
+        };
+        let own_at = SymbolValues::default().with(own, size);
+        for (was, now) in part.nodes.iter().zip(&local.nodes) {
+            for (a, b) in was.outputs.iter().zip(&now.outputs) {
+                let same = a.fact.datum_type == b.fact.datum_type
+                    && a.fact.rank() == b.fact.rank()
+                    && a.fact.shape.iter().zip(b.fact.shape.iter()).all(|(x, y)| {
+                        y.symbols().iter().all(|s| s == own)
+                            && x.eval_to_i64(&at).ok() == y.eval_to_i64(&own_at).ok()
+                    })
+                    && !mentions(&b.fact, &old)?;
+                if !same {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+    Ok(Some(local))
+}
+
+/// `dim` with `from` replaced by `to` wherever it occurs whole; an error if
+/// `dim` holds a kind of expression this does not look into.
+fn replaced(dim: &TDim, from: &TDim, to: &TDim) -> TractResult<TDim> {
+    if dim == from {
+        return Ok(to.clone());
+    }
+    let all = |v: &[TDim]| -> TractResult<Vec<TDim>> {
+        v.iter().map(|d| replaced(d, from, to)).collect()
+    };
+    Ok(match dim {
+        TDim::Val(_) | TDim::Sym(_) => dim.clone(),
+        TDim::Add(v) => TDim::Add(all(v)?),
+        TDim::Mul(v) => TDim::Mul(all(v)?),
+        TDim::MulInt(k, d) => TDim::MulInt(*k, Box::new(replaced(d, from, to)?)),
+        TDim::Div(d, q) => TDim::Div(Box::new(replaced(d, from, to)?), *q),
+        other => bail!("no replacing in {other}"),
+    }
+    .simplify())
+}
+
+/// Whether `old` appears in `fact`'s value or element expression.
+fn mentions(fact: &TypedFact, old: &Symbol) -> TractResult<bool> {
+    if let Some(k) = &fact.konst
+        && k.datum_type() == TDim::datum_type()
+        && k.try_as_plain_ram()?
+            .as_slice::<TDim>()?
+            .iter()
+            .any(|d| d.symbols().contains(old))
+    {
+        return Ok(true);
+    }
+    Ok(fact
+        .uniform_tdim
+        .as_ref()
+        .is_some_and(|d| d.symbols().contains(old)))
+}
+
 /// Positions in `work` where a layer starts: the node is the first of
 /// `/layers.N/` and every node before it belongs to an earlier layer (or to
 /// none), every node after it to this layer or a later one (or to none).
@@ -348,10 +535,10 @@ fn layer_starts(model: &TypedModel, work: &[usize]) -> Vec<usize> {
 
 /// Runs `finish` on every part, on up to `threads` threads; the plans come
 /// back in part order.
-fn finish_all(
-    parts: Vec<TypedModel>,
+fn finish_all<P: Send>(
+    parts: Vec<P>,
     threads: usize,
-    finish: &(impl Fn(TypedModel) -> TractResult<Arc<TypedRunnableModel>> + Sync),
+    finish: &(impl Fn(P) -> TractResult<Arc<TypedRunnableModel>> + Sync),
 ) -> TractResult<Vec<Arc<TypedRunnableModel>>> {
     let count = parts.len();
     let queue = Mutex::new(parts.into_iter().enumerate());
@@ -438,6 +625,15 @@ impl PiecesState {
             for (sym, value) in &symbols {
                 state.turn_state.resolved_symbols.set(sym, *value);
             }
+            // A piece's own symbol, from its inputs (tract would find it too,
+            // but only where a failed run has not left an old value behind).
+            for (value, axes) in inputs.iter().zip(&piece.symbols) {
+                for (axis, sym) in axes {
+                    if let Some(size) = value.shape().get(*axis) {
+                        state.turn_state.resolved_symbols.set(sym, *size as i64);
+                    }
+                }
+            }
             let outputs = run(state, inputs)?;
             ensure!(
                 outputs.len() == piece.outputs.len(),
@@ -463,6 +659,8 @@ impl PiecesState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tract_onnx::tract_core::ops::array::MultiBroadcastTo;
+    use tract_onnx::tract_core::ops::downsample::Downsample;
     use tract_onnx::tract_core::ops::math::{add, mul};
 
     /// `x * 2` before the layers, two layers that read values from further
@@ -556,6 +754,87 @@ mod tests {
             "only layers.0's sum is passed"
         );
         assert_eq!(pieces_of(model), 3);
+    }
+
+    /// `x` subsampled by 4 before two layers, so that their inputs are sized
+    /// by `(T+3)/4`; a third layer's op holds that size in itself.
+    fn subsampled() -> TypedModel {
+        let mut model = TypedModel::default();
+        model.symbols.add_assertion("T >= 2").expect("assertion");
+        let t = model.symbols.sym("T");
+        let x = model.add_source("x", f32::fact([t.to_dim()])).expect("x");
+        let down = Downsample::new(0, 4, 0);
+        let down = model.wire_node("/pre/Down", down, &[x]).expect("down")[0];
+        let two = model.add_const("two", tensor1(&[2f32])).expect("two");
+        let first = model
+            .wire_node("/layers.0/Mul", mul(), &[down, two])
+            .expect("first")[0];
+        let second = model
+            .wire_node("/layers.1/Add", add(), &[first, down])
+            .expect("second")[0];
+        let shape = model.outlet_fact(second).expect("fact").shape.clone();
+        let last = model
+            .wire_node("/layers.2/To", MultiBroadcastTo { shape }, &[second])
+            .expect("last");
+        model.select_output_outlets(&last).expect("outputs");
+        model
+    }
+
+    #[test]
+    fn layers_sized_by_an_expression_get_a_symbol_of_their_own() {
+        let model = subsampled();
+        let whole = model
+            .clone()
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .expect("whole plan");
+        let pieces = Pieces::build(model, 2, |m| m.into_optimized()?.into_runnable())
+            .map(Arc::new)
+            .expect("pieces");
+        assert_eq!(pieces.len(), 4);
+        // Not the last layer: its op holds `(T+3)/4`.
+        assert_eq!(pieces.own_symbols(), 2);
+        let mut models = pieces.models();
+        let input = |m: &TypedModel| m.input_fact(0).expect("fact").shape[0].to_string();
+        assert_eq!(input(models.next().expect("pre")), "T");
+        assert_eq!(input(models.next().expect("layers.0")), "L");
+        assert_eq!(input(models.next().expect("layers.1")), "L");
+        assert_eq!(input(models.next().expect("layers.2")), "(T+3)/4");
+        let mut state = pieces.spawn().expect("state");
+        // Lengths that round up and down, on one state, as a worker reuses it.
+        for length in [5usize, 13, 2, 8, 5] {
+            let x: Vec<f32> = (0..length).map(|i| i as f32 * 0.5 - 1.0).collect();
+            let input = || tvec![tensor1(&x).into_tvalue()];
+            let expected = whole.run(input()).expect("whole run");
+            let got = state.run(input(), |s, i| s.run(i)).expect("pieces run");
+            assert_eq!(expected, got, "length {length}");
+            assert_eq!(got[0].len(), length.div_ceil(4));
+        }
+    }
+
+    #[test]
+    fn an_expression_is_replaced_where_it_occurs_whole() {
+        let scope = SymbolScope::default();
+        let parse = |s: &str| scope.parse_tdim(s).expect("dim");
+        let (from, to) = (parse("(T+3)/4"), parse("L"));
+        for (dim, want) in [
+            ("(T+3)/4", "L"),
+            ("5000+(T+3)/4", "5000+L"),
+            ("2*((T+3)/4)", "2*L"),
+            ("(T+3)/4*(T+3)/4", "L*L"),
+            // tract writes ((T+3)/4+1)/2 so: not whole, left as it is.
+            ("((T+3)/4+1)/2", "(T+7)/8"),
+            ("T", "T"),
+            ("(T+1)/2", "(T+1)/2"),
+        ] {
+            let got = replaced(&parse(dim), &from, &to).expect("replaced");
+            assert_eq!(
+                got.to_string(),
+                parse(want).simplify().to_string(),
+                "in {dim}"
+            );
+        }
+        assert!(replaced(&parse("min(T,(T+3)/4)"), &from, &to).is_err());
     }
 
     #[test]

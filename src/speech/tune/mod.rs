@@ -1458,6 +1458,10 @@ mod tests {
             "{file}: no weight left in the file"
         );
         assert!(build.pieces > 1, "{file}: the graph was not cut");
+        assert!(
+            build.own_symbols > 0,
+            "{file}: no piece has a time symbol of its own"
+        );
         (plain, tuned, build.rewrites)
     }
 
