@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::array::MultiBroadcastTo;
 use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::ops::source::TypedSource;
 
@@ -429,6 +430,16 @@ fn own_time_symbol(
                 .collect::<TractResult<Vec<_>>>()?;
             let tensor = tract_ndarray::ArrayD::from_shape_vec(k.val().shape(), dims)?;
             node.op = Box::new(Const::new(Arc::new(tensor.into()))?);
+        } else if let Some(to_shape) = node.op_as::<MultiBroadcastTo>() {
+            // The encoder's mask is broadcast to the time axis's size.
+            let shape = to_shape
+                .shape
+                .iter()
+                .map(|d| replaced(d, expression, &to))
+                .collect::<TractResult<TVec<_>>>()?;
+            node.op = Box::new(MultiBroadcastTo {
+                shape: shape.into(),
+            });
         }
     }
     local.refresh_output_facts()?;
@@ -659,7 +670,7 @@ impl PiecesState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tract_onnx::tract_core::ops::array::MultiBroadcastTo;
+    use tract_onnx::tract_core::ops::array::Slice;
     use tract_onnx::tract_core::ops::downsample::Downsample;
     use tract_onnx::tract_core::ops::math::{add, mul};
 
@@ -756,8 +767,9 @@ mod tests {
         assert_eq!(pieces_of(model), 3);
     }
 
-    /// `x` subsampled by 4 before two layers, so that their inputs are sized
-    /// by `(T+3)/4`; a third layer's op holds that size in itself.
+    /// `x` subsampled by 4 before three layers, so that their inputs are sized
+    /// by `(T+3)/4` (the third broadcasts to that size); a fourth layer's op
+    /// holds that size in an attribute not re-sized.
     fn subsampled() -> TypedModel {
         let mut model = TypedModel::default();
         model.symbols.add_assertion("T >= 2").expect("assertion");
@@ -773,8 +785,18 @@ mod tests {
             .wire_node("/layers.1/Add", add(), &[first, down])
             .expect("second")[0];
         let shape = model.outlet_fact(second).expect("fact").shape.clone();
+        let third = model
+            .wire_node(
+                "/layers.2/To",
+                MultiBroadcastTo {
+                    shape: shape.clone(),
+                },
+                &[second],
+            )
+            .expect("third")[0];
+        let whole = Slice::new(0, 0, shape[0].clone());
         let last = model
-            .wire_node("/layers.2/To", MultiBroadcastTo { shape }, &[second])
+            .wire_node("/layers.3/Slice", whole, &[third])
             .expect("last");
         model.select_output_outlets(&last).expect("outputs");
         model
@@ -791,15 +813,16 @@ mod tests {
         let pieces = Pieces::build(model, 2, |m| m.into_optimized()?.into_runnable())
             .map(Arc::new)
             .expect("pieces");
-        assert_eq!(pieces.len(), 4);
-        // Not the last layer: its op holds `(T+3)/4`.
-        assert_eq!(pieces.own_symbols(), 2);
+        assert_eq!(pieces.len(), 5);
+        // Not the last layer: its slice holds `(T+3)/4`.
+        assert_eq!(pieces.own_symbols(), 3);
         let mut models = pieces.models();
         let input = |m: &TypedModel| m.input_fact(0).expect("fact").shape[0].to_string();
         assert_eq!(input(models.next().expect("pre")), "T");
         assert_eq!(input(models.next().expect("layers.0")), "L");
         assert_eq!(input(models.next().expect("layers.1")), "L");
-        assert_eq!(input(models.next().expect("layers.2")), "(T+3)/4");
+        assert_eq!(input(models.next().expect("layers.2")), "L");
+        assert_eq!(input(models.next().expect("layers.3")), "(T+3)/4");
         let mut state = pieces.spawn().expect("state");
         // Lengths that round up and down, on one state, as a worker reuses it.
         for length in [5usize, 13, 2, 8, 5] {
