@@ -548,9 +548,9 @@ pub fn fold_weight_sums(model: &mut TypedModel) -> TractResult<usize> {
     }
     for (reduce, weights, axis) in &found {
         let sums = if weights.datum_type() == i8::datum_type() {
-            byte_sums::<i8>(weights, *axis)?
+            axis_sums::<i8>(weights, *axis)?
         } else {
-            byte_sums::<u8>(weights, *axis)?
+            axis_sums::<u8>(weights, *axis)?
         };
         let mut patch = TypedModelPatch::new("fold weight sums");
         let name = format!("{}.folded", model.node(*reduce).name);
@@ -561,8 +561,9 @@ pub fn fold_weight_sums(model: &mut TypedModel) -> TractResult<usize> {
     Ok(found.len())
 }
 
-/// The i32 sums of `weights` over `axis`, which stays as an axis of one.
-fn byte_sums<T: Datum + Copy + Into<i32>>(weights: &Tensor, axis: usize) -> TractResult<Tensor> {
+/// The i32 sums of `weights` (i8, u8 or i32) over `axis`, which stays as an
+/// axis of one; i32 sums wrap, as tract's do.
+fn axis_sums<T: Datum + Copy + Into<i32>>(weights: &Tensor, axis: usize) -> TractResult<Tensor> {
     let shape = weights.shape();
     ensure!(axis < shape.len(), "reduced axis {axis} out of rank");
     let outer: usize = shape[..axis].iter().product();
@@ -687,18 +688,14 @@ fn integer_sum(node: &TypedNode, values: &[TValue]) -> Option<TractResult<TVec<T
         return None;
     }
     let sum = || -> TractResult<TVec<TValue>> {
-        let weights = value.to_plain_array_view::<i32>()?;
         // The first axis is summed straight from the weights, without a copy.
-        let mut sums: Option<tract_ndarray::ArrayD<i32>> = None;
+        let mut sums: Option<Tensor> = None;
         for &axis in &reduce.axes {
-            let from = sums.as_ref().map_or(weights.view(), |s| s.view());
-            ensure!(axis < from.ndim(), "reduced axis {axis} out of rank");
-            let axis = tract_ndarray::Axis(axis);
-            let summed = from.fold_axis(axis, 0i32, |acc, x| acc.wrapping_add(*x));
-            sums = Some(summed.insert_axis(axis));
+            let from = sums.as_ref().unwrap_or(value);
+            sums = Some(axis_sums::<i32>(from, axis)?);
         }
-        let sums = sums.unwrap_or_else(|| weights.to_owned());
-        Ok(tvec![sums.into_tensor().into_tvalue()])
+        let sums = sums.unwrap_or_else(|| value.clone().into_tensor());
+        Ok(tvec![sums.into_tvalue()])
     };
     Some(sum())
 }
