@@ -9,7 +9,10 @@
 //!
 //! Cuts go only between layers (see `layer_starts`). Constants are copied
 //! into every piece that reads them, never passed between pieces, so each piece
-//! still sees its weights as constants. The pieces compute exactly what the
+//! still sees its weights as constants. A piece whose inputs are sized by an
+//! expression of the graph's time symbol (`(T+3)/4` after the subsampling) is
+//! sized by a bare symbol of its own instead (`own_time_symbol`), which keeps
+//! tract's proofs about its shapes cheap. The pieces compute exactly what the
 //! whole graph computes: the tests compare them bit for bit.
 
 use std::collections::HashMap;
