@@ -698,9 +698,8 @@ mod tests {
         model
     }
 
-    /// Cuts `model`, checks that the pieces compute what the whole graph
-    /// computes (twice, on one state), and returns how many pieces there were.
-    fn pieces_of(model: TypedModel) -> usize {
+    /// `model` optimised whole, and cut into pieces on two threads.
+    fn whole_and_pieces(model: TypedModel) -> (Arc<TypedRunnableModel>, Arc<Pieces>) {
         let whole = model
             .clone()
             .into_optimized()
@@ -709,6 +708,13 @@ mod tests {
         let pieces = Pieces::build(model, 2, |m| m.into_optimized()?.into_runnable())
             .map(Arc::new)
             .expect("pieces");
+        (whole, pieces)
+    }
+
+    /// Cuts `model`, checks that the pieces compute what the whole graph
+    /// computes (twice, on one state), and returns how many pieces there were.
+    fn pieces_of(model: TypedModel) -> usize {
+        let (whole, pieces) = whole_and_pieces(model);
         let input = || tvec![tensor1(&[1f32, -2.0, 3.5, 0.25, 8.0]).into_tvalue()];
         let expected = whole.run(input()).expect("whole run");
         let mut state = pieces.spawn().expect("state");
@@ -807,15 +813,7 @@ mod tests {
 
     #[test]
     fn layers_sized_by_an_expression_get_a_symbol_of_their_own() {
-        let model = subsampled();
-        let whole = model
-            .clone()
-            .into_optimized()
-            .and_then(|m| m.into_runnable())
-            .expect("whole plan");
-        let pieces = Pieces::build(model, 2, |m| m.into_optimized()?.into_runnable())
-            .map(Arc::new)
-            .expect("pieces");
+        let (whole, pieces) = whole_and_pieces(subsampled());
         assert_eq!(pieces.len(), 5);
         // Not the last layer: its slice holds `(T+3)/4`.
         assert_eq!(pieces.own_symbols(), 3);
