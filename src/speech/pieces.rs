@@ -120,14 +120,15 @@ impl Pieces {
         let localised = AtomicUsize::new(0);
         let plans = finish_all(jobs, threads, &|(model, local): (TypedModel, _)| {
             // The original is dropped here when replaced, so that the
-            // optimiser's packed weights do not join its unpacked ones.
+            // optimiser's packed weights do not join its unpacked ones. A
+            // piece that cannot be re-sized (an error included: this is only a
+            // shortcut for the optimiser) stays as it was.
             let model = match local.map(|(e, sym)| own_time_symbol(&model, &e, &sym)) {
                 Some(Ok(Some(m))) => {
                     localised.fetch_add(1, Ordering::Relaxed);
                     drop(model);
                     m
                 }
-                Some(Err(e)) => return Err(e),
                 _ => model,
             };
             finish(model)
