@@ -510,6 +510,38 @@ fn env_var_sets_a_flag() {
     assert_eq!(json["text"], golden_text("golos_02"));
 }
 
+#[test]
+fn rust_backtrace_without_rust_lib_backtrace_gets_a_warning() {
+    // With RUST_BACKTRACE on, every error tract's optimiser drops captures a
+    // backtrace (a load several times longer); RUST_LIB_BACKTRACE=0 avoids it.
+    let model = path_str(&tiny_model());
+    let file = path_str(&golos_path("golos_02"));
+    let args = [
+        "transcribe",
+        &file,
+        "--model-dir",
+        &model,
+        "--precision",
+        "fp32",
+    ];
+    let run = |backtrace: &str, lib: Option<&str>| {
+        let mut cmd = gigastt(&args);
+        cmd.env("RUST_BACKTRACE", backtrace);
+        match lib {
+            Some(v) => cmd.env("RUST_LIB_BACKTRACE", v),
+            None => cmd.env_remove("RUST_LIB_BACKTRACE"),
+        };
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(stdout(&out).trim(), golden_text("golos_02"));
+        stderr(&out).contains("RUST_LIB_BACKTRACE=0")
+    };
+    assert!(run("1", None), "no warning with RUST_BACKTRACE=1");
+    assert!(run("full", None), "no warning with RUST_BACKTRACE=full");
+    assert!(!run("1", Some("0")), "a warning with RUST_LIB_BACKTRACE=0");
+    assert!(!run("0", None), "a warning with RUST_BACKTRACE=0");
+}
+
 // ---------------------------------------------------------------- long audio
 
 /// Golos sentences (normalised) whose text appears in `text`.

@@ -230,12 +230,32 @@ pub(crate) fn engine_options(
 }
 
 /// Loads the engine, logging what was chosen; a test model is announced loudly.
+/// Warns when `RUST_BACKTRACE` is on and `RUST_LIB_BACKTRACE` is not set.
+///
+/// tract's optimiser tries rewrites that fail with an error, thousands of them
+/// in a load, and each error then captures a backtrace: the static binary's
+/// encoder optimisation took 6.5-8.5 s instead of 0.7-1 s (docs/perf.md, the
+/// fifteenth round). `RUST_LIB_BACKTRACE=0` beside it keeps backtraces for
+/// panics only. This crate cannot set it for itself: changing the process's
+/// environment is `unsafe`.
+fn warn_of_backtraces() {
+    let on = std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0");
+    if on && std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        log::warn!(
+            "RUST_BACKTRACE is set: every error tract's optimiser tries and drops captures a \
+             backtrace, which makes the model load several times longer; set \
+             RUST_LIB_BACKTRACE=0 beside it to keep backtraces for panics only"
+        );
+    }
+}
+
 pub(crate) fn load_engine(
     raw: &RawFlags,
     workers: usize,
 ) -> Result<std::sync::Arc<crate::speech::Engine>, CliError> {
     let dir = resolve_model_dir(raw);
     let options = engine_options(raw, workers)?;
+    warn_of_backtraces();
     let engine = crate::speech::Engine::load(&dir, &options)
         .map_err(|e| CliError::new(Exit::Model, e.to_string()))?;
     let info = engine.info();
