@@ -33,13 +33,20 @@ fn gigastt(args: &[&str]) -> Command {
 
 /// `gigastt transcribe FILE --model-dir tiny --precision fp32 EXTRA...`.
 fn transcribe(file: &str, extra: &[&str]) -> Output {
+    transcribe_command(file, extra)
+        .output()
+        .expect("run gigastt")
+}
+
+/// The command [`transcribe`] runs, for a test to add to.
+fn transcribe_command(file: &str, extra: &[&str]) -> Command {
     let model = tiny_model().display().to_string();
     let mut args = vec!["transcribe", file, "--model-dir", &model];
     if !extra.contains(&"--precision") {
         args.extend(["--precision", "fp32"]);
     }
     args.extend_from_slice(extra);
-    gigastt(&args).output().expect("run gigastt")
+    gigastt(&args)
 }
 
 fn stdout(out: &Output) -> String {
@@ -514,18 +521,9 @@ fn env_var_sets_a_flag() {
 fn rust_backtrace_without_rust_lib_backtrace_gets_a_warning() {
     // With RUST_BACKTRACE on, every error tract's optimiser drops captures a
     // backtrace (a load several times longer); RUST_LIB_BACKTRACE=0 avoids it.
-    let model = path_str(&tiny_model());
     let file = path_str(&golos_path("golos_02"));
-    let args = [
-        "transcribe",
-        &file,
-        "--model-dir",
-        &model,
-        "--precision",
-        "fp32",
-    ];
     let run = |backtrace: &str, lib: Option<&str>| {
-        let mut cmd = gigastt(&args);
+        let mut cmd = transcribe_command(&file, &[]);
         cmd.env("RUST_BACKTRACE", backtrace);
         match lib {
             Some(v) => cmd.env("RUST_LIB_BACKTRACE", v),

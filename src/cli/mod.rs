@@ -229,7 +229,6 @@ pub(crate) fn engine_options(
     })
 }
 
-/// Loads the engine, logging what was chosen; a test model is announced loudly.
 /// Warns when `RUST_BACKTRACE` is on and `RUST_LIB_BACKTRACE` is not set.
 ///
 /// tract's optimiser tries rewrites that fail with an error, thousands of them
@@ -249,6 +248,7 @@ fn warn_of_backtraces() {
     }
 }
 
+/// Loads the engine, logging what was chosen; a test model is announced loudly.
 pub(crate) fn load_engine(
     raw: &RawFlags,
     workers: usize,

@@ -410,40 +410,26 @@ fn own_time_symbol(
         return Ok(None);
     };
     let to = TDim::Sym(own.clone());
+    let resize = |dims: &[TDim]| -> TractResult<TVec<TDim>> {
+        dims.iter().map(|d| replaced(d, expression, &to)).collect()
+    };
     let mut local = part.clone();
     for node in &mut local.nodes {
         if let Some(source) = node.op_as::<TypedSource>() {
             let mut fact = source.fact.clone();
-            fact.shape = fact
-                .shape
-                .iter()
-                .map(|d| replaced(d, expression, &to))
-                .collect::<TractResult<TVec<_>>>()?
-                .into();
+            fact.shape = resize(&fact.shape)?.into();
             node.op = Box::new(TypedSource { fact });
         } else if let Some(k) = node.op_as::<Const>() {
             if k.val().datum_type() != TDim::datum_type() {
                 continue;
             }
-            let dims = k
-                .val()
-                .try_as_plain_ram()?
-                .as_slice::<TDim>()?
-                .iter()
-                .map(|d| replaced(d, expression, &to))
-                .collect::<TractResult<Vec<_>>>()?;
-            let tensor = tract_ndarray::ArrayD::from_shape_vec(k.val().shape(), dims)?;
+            let dims = resize(k.val().try_as_plain_ram()?.as_slice::<TDim>()?)?;
+            let tensor = tract_ndarray::ArrayD::from_shape_vec(k.val().shape(), dims.into_vec())?;
             node.op = Box::new(Const::new(Arc::new(tensor.into()))?);
         } else if let Some(to_shape) = node.op_as::<MultiBroadcastTo>() {
             // The encoder's mask is broadcast to the time axis's size.
-            let shape = to_shape
-                .shape
-                .iter()
-                .map(|d| replaced(d, expression, &to))
-                .collect::<TractResult<TVec<_>>>()?;
-            node.op = Box::new(MultiBroadcastTo {
-                shape: shape.into(),
-            });
+            let shape = resize(&to_shape.shape)?.into();
+            node.op = Box::new(MultiBroadcastTo { shape });
         }
     }
     local.refresh_output_facts()?;
