@@ -12,11 +12,13 @@ mod support;
 
 use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use support::{
     HttpResponse, Server, base_serve_args, connect, fixture_bytes, golden_text, golos_names,
-    read_one, read_response, request_head,
+    read_one, read_response, request_head, thread_count,
 };
 
 fn golos(name: &str) -> Vec<u8> {
@@ -908,8 +910,20 @@ fn slowloris_swarm_keeps_health_fast_and_threads_capped() {
     let cap = CAP.to_string();
     let server = Server::start(&["--max-connections", &cap]);
     let baseline = server.thread_count().expect("/proc/PID/status Threads");
+    // Sampled all the time, not now and then: a thread over the cap may live
+    // only while an evicted connection's thread winds down.
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (pid, sampling) = (server.pid(), Arc::clone(&sampling));
+        std::thread::spawn(move || {
+            let mut max = 0;
+            while sampling.load(Ordering::Relaxed) {
+                max = max.max(thread_count(pid).unwrap_or(0));
+            }
+            max
+        })
+    };
     let mut swarm = Vec::with_capacity(SOCKETS);
-    let mut max_threads = baseline;
     for i in 0..SOCKETS {
         match TcpStream::connect(server.addr()) {
             Ok(mut s) => {
@@ -920,14 +934,12 @@ fn slowloris_swarm_keeps_health_fast_and_threads_capped() {
             }
             Err(e) => panic!("connect {i} failed: {e}"),
         }
-        if i % 100 == 99 {
-            max_threads = max_threads.max(server.thread_count().unwrap_or(0));
-        }
     }
     let started = Instant::now();
     let health = server.get("/health");
     let took = started.elapsed();
-    max_threads = max_threads.max(server.thread_count().unwrap_or(0));
+    sampling.store(false, Ordering::Relaxed);
+    let max_threads = sampler.join().expect("the sampler");
     assert_eq!(health.status, 200, "{}", health.text());
     assert!(
         took < Duration::from_secs(1),

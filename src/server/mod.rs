@@ -1,6 +1,9 @@
 //! The app over HTTP: accept loop, connection cap, socket timeouts, drain on shutdown.
 //!
 //! A blocking `TcpListener` with one thread per connection under a hard cap.
+//! The cap counts threads, not connections: a connection's thread holds its
+//! place until the accept loop has joined it, so the process never runs more
+//! connection threads than the cap, even while finished ones are exiting.
 //! When the cap is reached, the connection that has waited longest for its
 //! request head (an idle keep-alive or a slowloris) is evicted so real requests
 //! still get in; if none can be evicted the newcomer gets 503 and is closed.
@@ -18,8 +21,10 @@ pub mod ws;
 use std::collections::BTreeMap;
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::http::{self, HttpError, Response, StatusCode};
@@ -35,6 +40,10 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const HEAD_DEADLINE: Duration = Duration::from_secs(10);
 /// How long the accept loop waits for an evicted connection to free its slot.
 const EVICTION_WAIT: Duration = Duration::from_millis(200);
+/// Longest a joined connection thread still counts against the cap while the
+/// kernel finishes its exit (it takes microseconds; this only bounds a stale
+/// entry, such as a thread id the kernel has already given to a new thread).
+const EXIT_GRACE: Duration = Duration::from_secs(1);
 /// SSE keep-alive comment interval.
 pub const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 
@@ -95,8 +104,6 @@ pub struct App {
     pub metrics: metrics::Metrics,
     /// Set on SIGTERM/SIGINT.
     pub shutting_down: AtomicBool,
-    /// Open connections.
-    connections: AtomicUsize,
     /// Connections waiting for a request head, oldest first (for eviction).
     waiting_heads: Mutex<BTreeMap<u64, Arc<TcpStream>>>,
     next_id: AtomicU64,
@@ -111,7 +118,6 @@ impl App {
             loaded: OnceLock::new(),
             metrics: metrics::Metrics::default(),
             shutting_down: AtomicBool::new(false),
-            connections: AtomicUsize::new(0),
             waiting_heads: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(0),
         }
@@ -143,13 +149,52 @@ impl App {
     }
 }
 
-/// Decrements the connection count when a connection thread ends.
-struct ConnectionSlot<'a>(&'a AtomicUsize);
+/// The connection threads the accept loop has started and that the kernel
+/// still lists.
+///
+/// A thread holds its place until it is gone, not until its connection ends.
+/// A count dropped at the end of the thread's work let a new thread start
+/// while the old one wound down (one over the cap for as long as the
+/// scheduler kept it there). Even a joined thread finishes its exit in the
+/// kernel after `join` returns: a test that sampled `/proc` without pause
+/// caught one there, in uninterruptible sleep, beside a full cap of new ones.
+/// So a joined thread stays counted while its `/proc` entry exists (Linux),
+/// for [`EXIT_GRACE`] at most.
+#[derive(Default)]
+struct ConnectionThreads {
+    running: Vec<JoinHandle<Option<PathBuf>>>,
+    /// Joined threads' `/proc/PID/task/TID` entries and when they were joined.
+    exiting: Vec<(PathBuf, Instant)>,
+}
 
-impl Drop for ConnectionSlot<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+impl ConnectionThreads {
+    /// Joins the threads that have finished, forgets those the kernel has
+    /// released, and returns how many are left.
+    fn reap(&mut self) -> usize {
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].is_finished() {
+                // Handlers run behind a panic fence; any other panic was
+                // printed by the panic hook when it happened.
+                if let Ok(Some(entry)) = self.running.swap_remove(i).join() {
+                    self.exiting.push((entry, Instant::now()));
+                }
+            } else {
+                i += 1;
+            }
+        }
+        self.exiting
+            .retain(|(entry, joined)| joined.elapsed() < EXIT_GRACE && entry.exists());
+        self.running.len() + self.exiting.len()
     }
+}
+
+/// The calling thread's `/proc/PID/task/TID` directory, where the kernel
+/// lists it until its exit is complete (`None` without `/proc`).
+fn own_task_entry() -> Option<PathBuf> {
+    std::fs::read_link("/proc/thread-self")
+        .ok()
+        .map(|task| Path::new("/proc").join(task))
 }
 
 /// Binds the listener (after the bind check). Port 0 picks a free port.
@@ -163,6 +208,7 @@ pub fn bind(config: &ServeConfig) -> Result<TcpListener, String> {
 /// Runs the accept loop until `app.shutting_down` is set, then drains.
 pub fn serve(app: Arc<App>, listener: TcpListener) -> Result<(), String> {
     let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let mut threads = ConnectionThreads::default();
     for stream in listener.incoming() {
         if app.is_shutting_down() {
             break;
@@ -175,7 +221,7 @@ pub fn serve(app: Arc<App>, listener: TcpListener) -> Result<(), String> {
                 continue;
             }
         };
-        admit(&app, stream);
+        admit(&app, &mut threads, stream);
     }
     drop(listener);
     log::info!(
@@ -183,12 +229,12 @@ pub fn serve(app: Arc<App>, listener: TcpListener) -> Result<(), String> {
         app.config.shutdown_drain
     );
     let deadline = Instant::now() + app.config.shutdown_drain;
-    while app.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+    while threads.reap() > 0 && Instant::now() < deadline {
         // Idle keep-alive connections would hold the drain: close them now.
         while app.evict_oldest_waiting() {}
         std::thread::sleep(Duration::from_millis(20));
     }
-    let left = app.connections.load(Ordering::SeqCst);
+    let left = threads.reap();
     if left > 0 {
         log::warn!("{left} connection(s) still open after the drain period");
     }
@@ -199,16 +245,17 @@ pub fn serve(app: Arc<App>, listener: TcpListener) -> Result<(), String> {
     Ok(())
 }
 
-fn admit(app: &Arc<App>, stream: TcpStream) {
+fn admit(app: &Arc<App>, threads: &mut ConnectionThreads, stream: TcpStream) {
     let cap = app.config.max_connections.max(1);
-    if app.connections.load(Ordering::SeqCst) >= cap && app.evict_oldest_waiting() {
+    let mut running = threads.reap();
+    if running >= cap && app.evict_oldest_waiting() {
         let until = Instant::now() + EVICTION_WAIT;
-        while app.connections.load(Ordering::SeqCst) >= cap && Instant::now() < until {
+        while running >= cap && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(2));
+            running = threads.reap();
         }
     }
-    if app.connections.fetch_add(1, Ordering::SeqCst) >= cap {
-        app.connections.fetch_sub(1, Ordering::SeqCst);
+    if running >= cap {
         refuse_over_cap(stream);
         return;
     }
@@ -217,12 +264,12 @@ fn admit(app: &Arc<App>, stream: TcpStream) {
         .name("gigastt-conn".into())
         .stack_size(256 * 1024)
         .spawn(move || {
-            let _slot = ConnectionSlot(&thread_app.connections);
             handle_connection(&thread_app, stream);
+            own_task_entry()
         });
-    if let Err(e) = spawned {
-        app.connections.fetch_sub(1, Ordering::SeqCst);
-        log::error!("cannot spawn connection thread: {e}");
+    match spawned {
+        Ok(handle) => threads.running.push(handle),
+        Err(e) => log::error!("cannot spawn connection thread: {e}"),
     }
 }
 

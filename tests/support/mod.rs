@@ -296,11 +296,7 @@ impl Server {
 
     /// `Threads:` from /proc/PID/status (Linux).
     pub fn thread_count(&self) -> Option<usize> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Threads:"))
-            .and_then(|n| n.trim().parse().ok())
+        thread_count(self.pid())
     }
 
     /// A fresh connection to the server.
@@ -635,4 +631,13 @@ pub fn normalize(text: &str) -> String {
         .map(|c| if c.is_alphanumeric() { c } else { ' ' })
         .collect();
     mapped.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The `Threads:` count of process `pid`, from `/proc`.
+pub fn thread_count(pid: u32) -> Option<usize> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
 }
