@@ -50,6 +50,9 @@ pub struct LeanModel {
     /// (tract refuses external data that resolves outside it, and a model
     /// directory of links, like a Hugging Face snapshot, points elsewhere).
     pub dir: std::path::PathBuf,
+    /// The file's name in [`LeanModel::dir`]: the `location` of every
+    /// initializer left in it.
+    pub location: String,
     /// How many initializers now point into the file.
     pub external: usize,
 }
@@ -76,7 +79,7 @@ pub fn read(path: &Path, min_bytes: u64) -> io::Result<LeanModel> {
             inner: BufReader::with_capacity(1 << 16, file),
             pos: 0,
         },
-        location,
+        location: location.clone(),
         min_bytes,
         external: 0,
     };
@@ -85,6 +88,7 @@ pub fn read(path: &Path, min_bytes: u64) -> io::Result<LeanModel> {
     Ok(LeanModel {
         bytes,
         dir,
+        location,
         external: walk.external,
     })
 }

@@ -19,6 +19,7 @@ pub mod transcript;
 pub mod tune;
 pub mod vad;
 pub mod vocab;
+pub mod weights;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -265,10 +265,12 @@ pub(crate) fn load_encoder_as(
         .with_ignore_output_shapes(true)
         .with_ignore_value_info(true);
     let mut rewrites = super::tune::Rewrites::default();
-    let (proto, model_dir) = if build != Build::Plain {
-        // The weights stay in the file until tract reads them one by one, so
-        // the file, the decoded protobuf and the tensors are never all in
-        // memory at once (docs/perf.md, "Memory allocator and loading").
+    let mut model = if build != Build::Plain {
+        // The weights stay in the file until they are read, each straight into
+        // its tensor, so the file, the decoded protobuf and the tensors are
+        // never all in memory at once (docs/perf.md, "Memory allocator and
+        // loading"), and they are read on every core while tract parses the
+        // graph without them (`speech::weights`).
         let lean =
             super::lean::read(path, super::lean::EXTERNAL_MIN_BYTES).map_err(|e| err(e.into()))?;
         rewrites.weights_from_file = lean.external;
@@ -276,16 +278,35 @@ pub(crate) fn load_encoder_as(
             .proto_model_for_read(&mut lean.bytes.as_slice())
             .map_err(&err)?;
         rewrites.zero_points = super::tune::drop_zero_weight_zero_points(&mut proto);
-        (proto, Some(lean.dir))
+        let invalid_because = |why: String| SpeechError::ModelInvalid {
+            file: path.to_path_buf(),
+            why,
+        };
+        let graph = proto
+            .graph
+            .as_mut()
+            .ok_or_else(|| invalid_because("no graph".into()))?;
+        let weights =
+            super::weights::take_from_file(graph, &lean.location).map_err(invalid_because)?;
+        let file = lean.dir.join(&lean.location);
+        let (parsed, tensors) =
+            super::weights::read_beside(&file, &weights, || onnx.parse(&proto, lean.dir.to_str()));
+        let mut parsed = parsed.map_err(&err)?;
+        let tensors = tensors.map_err(|e| err(e.into()))?;
+        drop(proto);
+        super::weights::install(
+            &mut parsed.model,
+            &parsed.outlets_by_name,
+            &weights,
+            tensors,
+        )
+        .map_err(&err)?;
+        parsed.model
     } else {
         let proto = onnx.proto_model_for_path(path).map_err(&err)?;
-        (proto, path.parent().map(Path::to_path_buf))
+        let dir = path.parent().and_then(Path::to_str);
+        onnx.parse(&proto, dir).map_err(&err)?.model
     };
-    let mut model = onnx
-        .parse(&proto, model_dir.as_deref().and_then(Path::to_str))
-        .map_err(&err)?
-        .model;
-    drop(proto);
     stages.mark("read");
     let signal = input_index(&model, names.0, path)?;
     let length = input_index(&model, names.1, path)?;
