@@ -252,62 +252,14 @@ pub(crate) struct Encoder {
     pub signal_first: bool,
 }
 
-/// [`load_encoder`], built as `build` says.
-pub(crate) fn load_encoder_as(
-    path: &Path,
+/// Sets the encoder's input facts (a symbolic `T` frames) and types it; true
+/// when the features come before the length.
+pub(crate) fn type_encoder(
+    mut model: InferenceModel,
     names: (&str, &str),
-    executor: Option<tract_linalg::multithread::Executor>,
-    build: Build,
-) -> Result<(Encoder, EncoderBuild), SpeechError> {
+    path: &Path,
+) -> Result<(TypedModel, bool), SpeechError> {
     let err = invalid(path);
-    let mut stages = Stages::new();
-    let onnx = tract_onnx::onnx()
-        .with_ignore_output_shapes(true)
-        .with_ignore_value_info(true);
-    let mut rewrites = super::tune::Rewrites::default();
-    let mut model = if build != Build::Plain {
-        // The weights stay in the file until they are read, each straight into
-        // its tensor, so the file, the decoded protobuf and the tensors are
-        // never all in memory at once (docs/perf.md, "Memory allocator and
-        // loading"), and they are read on every core while tract parses the
-        // graph without them (`speech::weights`).
-        let lean =
-            super::lean::read(path, super::lean::EXTERNAL_MIN_BYTES).map_err(|e| err(e.into()))?;
-        rewrites.weights_from_file = lean.external;
-        let mut proto = onnx
-            .proto_model_for_read(&mut lean.bytes.as_slice())
-            .map_err(&err)?;
-        rewrites.zero_points = super::tune::drop_zero_weight_zero_points(&mut proto);
-        let invalid_because = |why: String| SpeechError::ModelInvalid {
-            file: path.to_path_buf(),
-            why,
-        };
-        let graph = proto
-            .graph
-            .as_mut()
-            .ok_or_else(|| invalid_because("no graph".into()))?;
-        let weights =
-            super::weights::take_from_file(graph, &lean.location).map_err(invalid_because)?;
-        let file = lean.dir.join(&lean.location);
-        let (parsed, tensors) =
-            super::weights::read_beside(&file, &weights, || onnx.parse(&proto, lean.dir.to_str()));
-        let mut parsed = parsed.map_err(&err)?;
-        let tensors = tensors.map_err(|e| err(e.into()))?;
-        drop(proto);
-        super::weights::install(
-            &mut parsed.model,
-            &parsed.outlets_by_name,
-            &weights,
-            tensors,
-        )
-        .map_err(&err)?;
-        parsed.model
-    } else {
-        let proto = onnx.proto_model_for_path(path).map_err(&err)?;
-        let dir = path.parent().and_then(Path::to_str);
-        onnx.parse(&proto, dir).map_err(&err)?.model
-    };
-    stages.mark("read");
     let signal = input_index(&model, names.0, path)?;
     let length = input_index(&model, names.1, path)?;
     // With T >= 2 proven, tract fuses bias adds into the matmuls (a symbolic T
@@ -334,12 +286,70 @@ pub(crate) fn load_encoder_as(
             .set_output_fact(ix, InferenceFact::default())
             .map_err(&err)?;
     }
+    Ok((model.into_typed().map_err(&err)?, signal < length))
+}
+
+/// [`load_encoder`], built as `build` says.
+pub(crate) fn load_encoder_as(
+    path: &Path,
+    names: (&str, &str),
+    executor: Option<tract_linalg::multithread::Executor>,
+    build: Build,
+) -> Result<(Encoder, EncoderBuild), SpeechError> {
+    let err = invalid(path);
+    let mut stages = Stages::new();
+    let onnx = tract_onnx::onnx()
+        .with_ignore_output_shapes(true)
+        .with_ignore_value_info(true);
+    let mut rewrites = super::tune::Rewrites::default();
+    let (model, signal_first) = if build != Build::Plain {
+        // The weights stay in the file until they are read, each straight into
+        // its tensor, so the file, the decoded protobuf and the tensors are
+        // never all in memory at once (docs/perf.md, "Memory allocator and
+        // loading"), and they are read on every core while tract parses and
+        // types the graph without them (`speech::weights`).
+        let lean =
+            super::lean::read(path, super::lean::EXTERNAL_MIN_BYTES).map_err(|e| err(e.into()))?;
+        rewrites.weights_from_file = lean.external;
+        let mut proto = onnx
+            .proto_model_for_read(&mut lean.bytes.as_slice())
+            .map_err(&err)?;
+        rewrites.zero_points = super::tune::drop_zero_weight_zero_points(&mut proto);
+        let invalid_because = |why: String| SpeechError::ModelInvalid {
+            file: path.to_path_buf(),
+            why,
+        };
+        let graph = proto
+            .graph
+            .as_mut()
+            .ok_or_else(|| invalid_because("no graph".into()))?;
+        let weights =
+            super::weights::take_from_file(graph, &lean.location).map_err(invalid_because)?;
+        let file = lean.dir.join(&lean.location);
+        let (typed, tensors) = super::weights::read_beside(&file, &weights, || {
+            let mut parsed = onnx.parse(&proto, lean.dir.to_str()).map_err(&err)?;
+            super::weights::declare(&mut parsed.model, &parsed.outlets_by_name, &weights)
+                .map_err(&err)?;
+            stages.mark("read");
+            type_encoder(parsed.model, names, path)
+        });
+        let (mut typed, signal_first) = typed?;
+        let tensors = tensors.map_err(|e| err(e.into()))?;
+        drop(proto);
+        super::weights::install(&mut typed, &weights, tensors).map_err(&err)?;
+        (typed, signal_first)
+    } else {
+        let proto = onnx.proto_model_for_path(path).map_err(&err)?;
+        let dir = path.parent().and_then(Path::to_str);
+        let model = onnx.parse(&proto, dir).map_err(&err)?.model;
+        stages.mark("read");
+        type_encoder(model, names, path)?
+    };
+    stages.mark("typed");
     let options = RunOptions {
         executor: executor.clone(),
         ..Default::default()
     };
-    let model = model.into_typed().map_err(&err)?;
-    stages.mark("typed");
     let pieces = match build {
         Build::Plain => model
             .into_optimized()
@@ -383,7 +393,7 @@ pub(crate) fn load_encoder_as(
     };
     let encoder = Encoder {
         pieces: Arc::new(pieces),
-        signal_first: signal < length,
+        signal_first,
     };
     Ok((encoder, build))
 }

@@ -1,14 +1,18 @@
 //! Reads the large weights of a lean model ([`super::lean`]) from the file
-//! straight into tensors, on every core, while tract parses the graph.
+//! straight into tensors, on every core, while tract parses and types the
+//! graph.
 //!
 //! Given the weights as external data, tract reads each one on the parsing
 //! thread: the file is mapped, the weight copied into a `Vec`, then copied
 //! again into an aligned tensor, and both copies land in fresh memory the
 //! kernel must zero first. Here those initializers are taken out of the
 //! protobuf before tract sees it, so that tract parses them as unresolved
-//! inputs (sources), and one reader per core reads each weight once, into the
-//! tensor it will live in. The sources are then turned into constants, as
-//! tract's own parser would have made them, before the graph is typed.
+//! inputs (sources), which [`declare`] gives their type and shape. Meanwhile
+//! one reader per core reads each weight once, into the tensor it will live
+//! in. Typing a graph does not need the weights' values (a test holds the
+//! typed graph to tract's own, node for node), so it runs beside the reading;
+//! then [`install`] turns the typed sources into the constants tract would
+//! have made, before anything is optimised.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -21,6 +25,7 @@ use tract_onnx::pb::tensor_proto::{DataLocation, DataType};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::bail;
 use tract_onnx::tract_core::ops::konst::Const;
+use tract_onnx::tract_core::ops::source::TypedSource;
 use tract_onnx::tract_hir::internal::InferenceFact;
 
 /// A weight left in the model file: where it is and what tensor it makes.
@@ -186,16 +191,15 @@ fn read_one(file: &mut File, weight: &Weight) -> io::Result<Tensor> {
     Ok(tensor)
 }
 
-/// Turns the sources tract made for the taken weights (it parsed them as
-/// unresolved inputs) into constants holding `tensors`, with the facts tract
-/// gives a constant initializer.
-pub fn install(
+/// Gives the sources tract made for the taken weights (it parsed them as
+/// unresolved inputs) the type and shape of their tensors, so that the graph
+/// can be typed before they are read.
+pub fn declare(
     model: &mut InferenceModel,
     outlets_by_name: &HashMap<String, OutletId>,
     weights: &[Weight],
-    tensors: Vec<Tensor>,
 ) -> TractResult<()> {
-    for (weight, tensor) in weights.iter().zip(tensors) {
+    for weight in weights {
         let Some(&outlet) = outlets_by_name.get(&weight.name) else {
             // No node reads it: tract would have kept an unused constant.
             continue;
@@ -208,12 +212,37 @@ pub fn install(
                 node.op.name()
             );
         }
+        let fact = InferenceFact::dt_shape(weight.datum_type, &weight.shape);
+        model.set_outlet_fact(outlet, fact)?;
+    }
+    Ok(())
+}
+
+/// Turns the typed graph's sources for `weights` (see [`declare`]) into the
+/// constants holding `tensors`, as tract makes of an initializer.
+pub fn install(
+    model: &mut TypedModel,
+    weights: &[Weight],
+    tensors: Vec<Tensor>,
+) -> TractResult<()> {
+    for (weight, tensor) in weights.iter().zip(tensors) {
+        let Some(id) = model
+            .nodes
+            .iter()
+            .position(|n| n.name == weight.name && n.op_is::<TypedSource>())
+        else {
+            continue;
+        };
         let value = tensor.into_arc_tensor();
-        let fact: InferenceFact = TypedFact::try_from(value.clone())?.into();
-        let node = model.node_mut(outlet.node);
-        node.op = Const::new(value)?.into();
+        let fact = TypedFact::try_from(value.clone())?;
+        let declared = &model.nodes[id].outputs[0].fact;
+        if declared.datum_type != fact.datum_type || declared.shape != fact.shape {
+            bail!("weight {:?} was typed as {declared:?}", weight.name);
+        }
+        let node = &mut model.nodes[id];
+        node.op = Box::new(Const::new(value)?);
         node.outputs[0].fact = fact;
-        model.inputs.retain(|input| input.node != outlet.node);
+        model.inputs.retain(|input| input.node != id);
     }
     Ok(())
 }
@@ -223,7 +252,6 @@ mod tests {
     use super::*;
     use crate::speech::lean;
     use std::path::PathBuf;
-    use tract_onnx::tract_hir::infer::Factoid;
 
     fn tiny(file: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -231,17 +259,25 @@ mod tests {
             .join(file)
     }
 
-    fn konst<'m>(model: &'m InferenceModel, name: &str) -> &'m Arc<Tensor> {
-        let node = model.node_by_name(name).expect("a node for the weight");
+    fn konst(model: &TypedModel, node: usize) -> &Arc<Tensor> {
+        let node = model.node(node);
         node.op_as::<Const>().expect("a constant").val()
     }
 
-    fn input_names(model: &InferenceModel) -> Vec<String> {
+    fn input_names(model: &TypedModel) -> Vec<String> {
         let inputs = model.input_outlets().expect("inputs");
         inputs
             .iter()
             .map(|o| model.node(o.node).name.clone())
             .collect()
+    }
+
+    /// Types the tiny encoder, `T` frames, as the engine does.
+    fn typed(model: InferenceModel) -> TypedModel {
+        let names = ("audio_signal", "length");
+        let path = Path::new("tiny");
+        let (typed, _) = crate::speech::model::type_encoder(model, names, path).expect("types");
+        typed
     }
 
     /// The lean model and its proto, weights still in it.
@@ -261,46 +297,67 @@ mod tests {
         (proto, lean, weights)
     }
 
-    /// Each weight read beside the parse is the constant tract makes of the
-    /// same initializer, under the same name, and the graph's inputs are
-    /// tract's once the weights are installed.
+    /// Each weight read beside the parse and typing is the constant tract
+    /// makes of the same initializer, under the same name, and the typed
+    /// graph is tract's once they are installed.
     #[test]
-    fn weights_read_beside_the_parse_are_tracts_constants() {
+    fn weights_read_beside_the_typing_are_tracts_constants() {
         for file in ["v3_e2e_rnnt_encoder.onnx", "v3_e2e_rnnt_encoder_int8.onnx"] {
             let path = tiny(file);
             let onnx = tract_onnx::onnx();
             let whole = onnx.proto_model_for_path(&path).expect("decodes");
             let dir = path.parent().and_then(Path::to_str);
-            let theirs = onnx.parse(&whole, dir).expect("tract parses").model;
+            let theirs = typed(onnx.parse(&whole, dir).expect("tract parses").model);
             let (proto, lean, weights) = taken(&path);
             assert_eq!(weights.len(), lean.external, "{file}");
             assert!(weights.len() > 10, "{file}");
             let graph = proto.graph.as_ref().expect("graph");
             assert!(graph.initializer.iter().all(|t| t.external_data.is_empty()));
             let file_path = lean.dir.join(&lean.location);
-            let (parsed, tensors) = read_beside(&file_path, &weights, || {
-                onnx.parse(&proto, lean.dir.to_str())
+            let (ours, tensors) = read_beside(&file_path, &weights, || {
+                let mut parsed = onnx.parse(&proto, lean.dir.to_str()).expect("parses");
+                assert_eq!(parsed.unresolved_inputs.len(), weights.len(), "{file}");
+                declare(&mut parsed.model, &parsed.outlets_by_name, &weights).expect("declared");
+                typed(parsed.model)
             });
-            let mut parsed = parsed.expect("parses without the weights");
-            assert_eq!(parsed.unresolved_inputs.len(), weights.len(), "{file}");
-            let tensors = tensors.expect("reads");
-            install(
-                &mut parsed.model,
-                &parsed.outlets_by_name,
-                &weights,
-                tensors,
-            )
-            .expect("installs");
-            for w in &weights {
-                let ours = konst(&parsed.model, &w.name);
-                assert_eq!(ours, konst(&theirs, &w.name), "{file}: {}", w.name);
-                let node = parsed.model.node_by_name(&w.name).expect("node").id;
-                let fact = parsed.model.outlet_fact(OutletId::new(node, 0));
-                let value = fact.expect("fact").value.concretize();
-                assert_eq!(value.as_ref(), Some(ours), "{file}: {}", w.name);
+            let mut ours = ours;
+            install(&mut ours, &weights, tensors.expect("reads")).expect("installs");
+            // The same graph, node for node. tract names a constant made from
+            // an initializer after it with `.0` added; its sources keep the name.
+            assert_eq!(ours.nodes.len(), theirs.nodes.len(), "{file}");
+            for (o, t) in ours.nodes.iter().zip(&theirs.nodes) {
+                assert_eq!(o.op.name(), t.op.name(), "{file}: {}", o.name);
+                assert_eq!(o.inputs, t.inputs, "{file}: {}", o.name);
             }
-            assert_eq!(input_names(&parsed.model), input_names(&theirs), "{file}");
+            for w in &weights {
+                let node = ours.node_by_name(&w.name).expect("a node for the weight");
+                let value = konst(&ours, node.id);
+                assert_eq!(value, konst(&theirs, node.id), "{file}: {}", w.name);
+                assert_eq!(theirs.node(node.id).name, format!("{}.0", w.name));
+                let fact = ours.outlet_fact(OutletId::new(node.id, 0)).expect("fact");
+                assert_eq!(fact.konst.as_ref(), Some(value), "{file}: {}", w.name);
+            }
+            assert_eq!(input_names(&ours), input_names(&theirs), "{file}");
         }
+    }
+
+    /// A weight's declared shape must be the one it is read with.
+    #[test]
+    fn a_weight_typed_otherwise_is_not_installed() {
+        let path = tiny("v3_e2e_rnnt_encoder.onnx");
+        let (proto, lean, weights) = taken(&path);
+        let file_path = lean.dir.join(&lean.location);
+        let onnx = tract_onnx::onnx();
+        let (ours, tensors) = read_beside(&file_path, &weights, || {
+            let mut parsed = onnx.parse(&proto, lean.dir.to_str()).expect("parses");
+            declare(&mut parsed.model, &parsed.outlets_by_name, &weights).expect("declared");
+            typed(parsed.model)
+        });
+        let mut tensors = tensors.expect("reads");
+        let flat = tensors[0].len();
+        tensors[0] = tensors[0].clone().into_shape(&[flat]).expect("reshaped");
+        let error = install(&mut ours.clone(), &weights, tensors).expect_err("a wrong shape");
+        assert!(format!("{error}").contains("was typed as"), "{error}");
     }
 
     #[test]
