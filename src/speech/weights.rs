@@ -225,14 +225,22 @@ pub fn install(
     weights: &[Weight],
     tensors: Vec<Tensor>,
 ) -> TractResult<()> {
+    let sources: HashMap<String, usize> = model
+        .inputs
+        .iter()
+        .map(|input| (model.nodes[input.node].name.clone(), input.node))
+        .collect();
     for (weight, tensor) in weights.iter().zip(tensors) {
-        let Some(id) = model
-            .nodes
-            .iter()
-            .position(|n| n.name == weight.name && n.op_is::<TypedSource>())
-        else {
+        let Some(&id) = sources.get(&weight.name) else {
+            // No node reads it (see `declare`).
             continue;
         };
+        if !model.nodes[id].op_is::<TypedSource>() {
+            bail!(
+                "weight {:?} is not a source of the typed graph",
+                weight.name
+            );
+        }
         let value = tensor.into_arc_tensor();
         let fact = TypedFact::try_from(value.clone())?;
         let declared = &model.nodes[id].outputs[0].fact;
