@@ -5,9 +5,10 @@
 //! process holds the weights twice (1.8 GB for the 885 MB fp32 encoder). Here
 //! the file is read as a stream and each initializer whose `raw_data` has at
 //! least [`EXTERNAL_MIN_BYTES`] is rewritten as ONNX external data that points
-//! back into the same file (`location`, `offset`, `length`). tract then reads
-//! those weights one tensor at a time. What gets decoded is the graph and the
-//! small tensors, a few hundred kilobytes.
+//! back into the same file (`location`, `offset`, `length`). The engine reads
+//! those weights itself, each into its tensor ([`super::weights`]); tract's
+//! reader would read them one tensor at a time. What gets decoded is the graph
+//! and the small tensors, a few hundred kilobytes.
 //!
 //! Only the protobuf wire format is needed. A message is a run of (key, value)
 //! fields, and any field can be copied as it stands. Three fields are walked on
@@ -20,8 +21,8 @@ use std::io::{self, BufReader, Read, Seek};
 use std::path::Path;
 
 /// Initializers with at least this many bytes of `raw_data` stay in the file
-/// and are read one at a time. Smaller ones (norms, biases, scales, zero
-/// points) are decoded with the graph.
+/// and are read from it each into its tensor ([`super::weights`]). Smaller
+/// ones (norms, biases, scales, zero points) are decoded with the graph.
 pub const EXTERNAL_MIN_BYTES: u64 = 16 * 1024;
 
 // Field numbers from onnx.proto.

@@ -63,8 +63,8 @@ use tract_onnx::tract_core::ops::matmul::optimized::OptMatMul;
 /// What the rewrites did to one graph, for the startup log.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Rewrites {
-    /// Weights left in the model file until tract reads them, one at a time
-    /// ([`crate::speech::lean`]).
+    /// Weights left in the model file, then read from it each into its tensor
+    /// ([`crate::speech::lean`], [`crate::speech::weights`]).
     pub weights_from_file: usize,
     /// Weight zero points dropped (all zeros).
     pub zero_points: usize,
