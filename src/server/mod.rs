@@ -2,8 +2,8 @@
 //!
 //! A blocking `TcpListener` with one thread per connection under a hard cap.
 //! The cap counts threads, not connections: a connection's thread holds its
-//! place until the accept loop has joined it, so the process never runs more
-//! connection threads than the cap, even while finished ones are exiting.
+//! place until it has exited, so the process never runs more connection
+//! threads than the cap, even while finished ones wind down.
 //! When the cap is reached, the connection that has waited longest for its
 //! request head (an idle keep-alive or a slowloris) is evicted so real requests
 //! still get in; if none can be evicted the newcomer gets 503 and is closed.

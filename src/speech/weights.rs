@@ -29,7 +29,7 @@ use tract_onnx::tract_core::ops::source::TypedSource;
 use tract_onnx::tract_hir::internal::InferenceFact;
 
 /// A weight left in the model file: where it is and what tensor it makes.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Weight {
     /// The initializer's name, by which the graph's nodes refer to it.
     pub name: String,
@@ -170,16 +170,16 @@ pub fn read_beside<T>(
         }
         (out, parts)
     });
-    let mut tensors: Vec<Option<Tensor>> = weights.iter().map(|_| None).collect();
-    for part in parts {
-        match part {
-            Ok(done) => done.into_iter().for_each(|(i, t)| tensors[i] = Some(t)),
-            Err(e) => return (out, Err(e)),
-        }
-    }
-    let tensors = tensors.into_iter().collect::<Option<Vec<_>>>();
-    let unread = || io::Error::other("a weight was not read");
-    (out, tensors.ok_or_else(unread))
+    // Each index was taken by exactly one reader; back in `weights`' order.
+    let tensors = parts
+        .into_iter()
+        .collect::<io::Result<Vec<_>>>()
+        .map(|parts| {
+            let mut done: Vec<(usize, Tensor)> = parts.into_iter().flatten().collect();
+            done.sort_unstable_by_key(|(i, _)| *i);
+            done.into_iter().map(|(_, t)| t).collect()
+        });
+    (out, tensors)
 }
 
 fn read_one(file: &mut File, weight: &Weight) -> io::Result<Tensor> {
