@@ -13,7 +13,9 @@
 //!   The sums are taken by rows (`integer_sum`), not by tract's column walk.
 //! - [`optimize`] with [`fold_weight_sums`]: tract's optimiser casts each int8
 //!   weight to i32 in every round, only to find the cast too large to keep;
-//!   the sums it is made for are taken from the bytes before that.
+//!   the sums it is made for are taken from the bytes before that; and, on a
+//!   CPU with AMX, [`amx::fold`] packs each int8 weight for tract's AMX kernel
+//!   before tract's packer copies it a byte at a time.
 //! - [`FastDynamicQuantize`]: tract's `DynamicQuantizeLinear` is a scalar loop
 //!   (a libm call per element for the rounding); this one vectorises.
 //! - [`retarget_weight_matmuls`]: with a symbolic time axis tract gives the fp32
@@ -43,6 +45,8 @@
 //! [`rewrite_decluttered`] and [`rewrite_optimized`] run the graph-level ones,
 //! before and after tract's optimiser.
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 pub mod batch;
 pub mod broadcast;
 pub mod depthwise;
@@ -70,6 +74,8 @@ pub struct Rewrites {
     pub zero_points: usize,
     /// Constant chains folded.
     pub folded: usize,
+    /// int8 weights packed for tract's AMX kernel by [`amx::fold`].
+    pub amx_packed: usize,
     /// `DynamicQuantizeLinear` nodes replaced.
     pub quantizers: usize,
     /// fp32 weight matmuls moved to the kernel tract prefers for long inputs.
@@ -104,6 +110,7 @@ impl Rewrites {
         self.weights_from_file += other.weights_from_file;
         self.zero_points += other.zero_points;
         self.folded += other.folded;
+        self.amx_packed += other.amx_packed;
         self.quantizers += other.quantizers;
         self.retargeted += other.retargeted;
         self.serialized += other.serialized;
@@ -473,27 +480,37 @@ fn initializer_is_zero(t: &tract_onnx::pb::TensorProto) -> bool {
 /// again in every round (docs/perf.md, "The fourteenth round"). Adds the folds
 /// to `done`.
 pub fn optimize(model: &mut TypedModel, done: &mut Rewrites) -> TractResult<()> {
-    let folded = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counts = Arc::new(WeightCounts::default());
     let mut optimizer = tract_onnx::tract_core::optim::Optimizer::codegen();
     optimizer.add_pass(
         0,
-        Box::new(WeightSumsPass {
-            folded: folded.clone(),
+        Box::new(WeightsPass {
+            counts: counts.clone(),
         }),
     );
     model.optimize_with_session(&mut optimizer.session())?;
-    done.folded += folded.load(std::sync::atomic::Ordering::Relaxed);
+    done.folded += counts.folded.load(std::sync::atomic::Ordering::Relaxed);
+    done.amx_packed += counts.amx_packed.load(std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
 
-/// [`fold_weight_sums`] as a pass of tract's optimiser. The optimiser clones
-/// its passes for each round, so the count is shared.
-#[derive(Debug, Clone)]
-struct WeightSumsPass {
-    folded: Arc<std::sync::atomic::AtomicUsize>,
+/// What [`WeightsPass`] did, over every round.
+#[derive(Debug, Default)]
+struct WeightCounts {
+    folded: std::sync::atomic::AtomicUsize,
+    amx_packed: std::sync::atomic::AtomicUsize,
 }
 
-impl tract_onnx::tract_core::optim::TypedPass for WeightSumsPass {
+/// [`fold_weight_sums`] and, where tract picked its AMX kernel, [`amx::fold`],
+/// as a pass at the head of tract's optimiser: each round runs it before
+/// tract's constant folding. The optimiser clones its passes for each round,
+/// so the counts are shared.
+#[derive(Debug, Clone)]
+struct WeightsPass {
+    counts: Arc<WeightCounts>,
+}
+
+impl tract_onnx::tract_core::optim::TypedPass for WeightsPass {
     fn reset(&mut self) -> TractResult<()> {
         Ok(())
     }
@@ -507,10 +524,15 @@ impl tract_onnx::tract_core::optim::TypedPass for WeightSumsPass {
     }
 
     fn run_direct(&mut self, model: &mut TypedModel) -> TractResult<bool> {
+        use std::sync::atomic::Ordering::Relaxed;
         let folded = fold_weight_sums(model)?;
-        self.folded
-            .fetch_add(folded, std::sync::atomic::Ordering::Relaxed);
-        Ok(folded > 0)
+        self.counts.folded.fetch_add(folded, Relaxed);
+        #[cfg(target_arch = "x86_64")]
+        let packed = amx::fold(model)?;
+        #[cfg(not(target_arch = "x86_64"))]
+        let packed = 0;
+        self.counts.amx_packed.fetch_add(packed, Relaxed);
+        Ok(folded + packed > 0)
     }
 }
 
@@ -1538,6 +1560,15 @@ mod tests {
         return false;
     }
 
+    /// Whether tract runs its AMX kernel here, whose weights [`amx::fold`]
+    /// packs: the CPU has AMX and the kernel let the process use its tiles.
+    fn amx() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return tract_linalg::x86_64::amx::has_amx_int8();
+        #[cfg(not(target_arch = "x86_64"))]
+        return false;
+    }
+
     #[test]
     fn int8_rewrites_change_no_bit_of_the_encoder_output() {
         let done = same_bits_with_and_without("v3_e2e_rnnt_encoder_int8.onnx");
@@ -1548,6 +1579,7 @@ mod tests {
         if vnni() {
             assert!(done.packs > 0 && done.quantized_packs > 0, "{done:?}");
         }
+        assert_eq!(done.amx_packed > 0, amx(), "{done:?}");
     }
 
     /// The full-size int8 model (`make bench` generates it), where tract's
@@ -1566,6 +1598,7 @@ mod tests {
         if vnni() {
             assert!(done.packs > 0 && done.quantized_packs > 0, "{done:?}");
         }
+        assert_eq!(done.amx_packed > 0, amx(), "{done:?}");
         assert_int8_as_close_to_fp32("models/gigaam-v3-full-random/gen");
     }
 

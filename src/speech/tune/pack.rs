@@ -148,7 +148,7 @@ impl PackI8K4 {
 
 /// The sizes of `input` along `k_axis` and `mn_axis`, and its element
 /// strides along them.
-fn matrix(
+pub(super) fn matrix(
     input: &Tensor,
     k_axis: usize,
     mn_axis: usize,
