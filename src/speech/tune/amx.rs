@@ -17,7 +17,6 @@ use tract_linalg::x86_64::amx::PackedAmxA;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::konst::Const;
-use tract_onnx::tract_core::ops::matmul::pack::DynPackedExoticFact;
 
 /// Replaces each `OptMatMulPack` into `PackedAmxA` of a constant i8 weight,
 /// read by nothing else, with the constant it evaluates to, packed by
@@ -86,32 +85,15 @@ struct Job {
 /// The packing `node` does, when it packs one matrix of a constant i8
 /// weight (read by nothing else) into `PackedAmxA` alone.
 fn foldable(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Job>> {
-    if node.op.name() != "OptMatMulPack" || node.outputs.len() != 1 {
-        return Ok(None);
-    }
-    let [input] = node.inputs.as_slice() else {
-        return Ok(None);
-    };
-    let Some(weight) = model.node(input.node).op_as::<Const>() else {
-        return Ok(None);
-    };
-    let sole_reader = model.outlet_successors(*input).len() == 1;
-    let Some(exotic) = node.outputs[0]
-        .fact
-        .exotic_fact()
-        .and_then(|e| e.downcast_ref::<DynPackedExoticFact>())
+    let Some((format, k_axis, mn_axis)) = super::pack::sole_format::<PackedAmxA>(model, node)?
     else {
         return Ok(None);
     };
-    let [packer] = exotic.packers.as_slice() else {
+    let input = node.inputs[0];
+    let Some(weight) = model.node(input.node).op_as::<Const>() else {
         return Ok(None);
     };
-    let Some(format) = packer.downcast_ref::<PackedAmxA>() else {
-        return Ok(None);
-    };
-    let Some((k_axis, mn_axis)) = super::pack_axes(model, node)? else {
-        return Ok(None);
-    };
+    let sole_reader = model.outlet_successors(input).len() == 1;
     let weight = weight.val();
     let one_matrix = weight
         .shape()
@@ -260,20 +242,14 @@ mod tests {
         ] {
             for format in [PackedAmxA::new(16), PackedAmxA::new(8)] {
                 // Stored mn-major ([mn, k]: k the inner axis) and k-major.
-                let by_rows = matrix(mn, k);
-                assert_eq!(
-                    ours(&format, &by_rows, 1, 0),
-                    tracts(&format, &by_rows, 1, 0),
-                    "{mn} x {k} by rows, r {}",
-                    format.r
-                );
-                let by_k = matrix(k, mn);
-                assert_eq!(
-                    ours(&format, &by_k, 0, 1),
-                    tracts(&format, &by_k, 0, 1),
-                    "{mn} x {k} k-major, r {}",
-                    format.r
-                );
+                for (t, k_axis, mn_axis) in [(matrix(mn, k), 1, 0), (matrix(k, mn), 0, 1)] {
+                    assert_eq!(
+                        ours(&format, &t, k_axis, mn_axis),
+                        tracts(&format, &t, k_axis, mn_axis),
+                        "{mn} x {k}, k axis {k_axis}, r {}",
+                        format.r
+                    );
+                }
             }
         }
     }

@@ -14,7 +14,7 @@
 //! [`QuantizePack`] quantises each row into the panels as it packs: the u8
 //! tensor between the two (written, then read back) is never made.
 
-use tract_linalg::mmm::{EagerPackedInput, PackedExoticFact};
+use tract_linalg::mmm::{EagerPackedInput, MMMInputFormat, PackedExoticFact};
 use tract_linalg::pack::PackedI8K4;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -55,23 +55,7 @@ impl PackI8K4 {
     /// The op for node `node` and the outlet it reads, when the node is an
     /// unbatched `OptMatMulPack` into `PackedI8K4`.
     fn for_node(model: &TypedModel, node: &TypedNode) -> TractResult<Option<(PackI8K4, OutletId)>> {
-        if node.op.name() != "OptMatMulPack" || node.inputs.len() != 1 || node.outputs.len() != 1 {
-            return Ok(None);
-        }
-        let fact = &node.outputs[0].fact;
-        let Some(exotic) = fact
-            .exotic_fact()
-            .and_then(|e| e.downcast_ref::<DynPackedExoticFact>())
-        else {
-            return Ok(None);
-        };
-        let [packer] = exotic.packers.as_slice() else {
-            return Ok(None);
-        };
-        let Some(format) = packer.downcast_ref::<PackedI8K4>() else {
-            return Ok(None);
-        };
-        let Some((k_axis, mn_axis)) = super::pack_axes(model, node)? else {
+        let Some((format, k_axis, mn_axis)) = sole_format::<PackedI8K4>(model, node)? else {
             return Ok(None);
         };
         let fact = model.outlet_fact(node.inputs[0])?;
@@ -144,6 +128,31 @@ impl PackI8K4 {
             }
         })
     }
+}
+
+/// The format of `node` and the axes it packs from, when `node` is an
+/// `OptMatMulPack` of one input into one format, of type `F`.
+pub(super) fn sole_format<'a, F: MMMInputFormat>(
+    model: &TypedModel,
+    node: &'a TypedNode,
+) -> TractResult<Option<(&'a F, usize, usize)>> {
+    if node.op.name() != "OptMatMulPack" || node.inputs.len() != 1 || node.outputs.len() != 1 {
+        return Ok(None);
+    }
+    let Some(exotic) = node.outputs[0]
+        .fact
+        .exotic_fact()
+        .and_then(|e| e.downcast_ref::<DynPackedExoticFact>())
+    else {
+        return Ok(None);
+    };
+    let [packer] = exotic.packers.as_slice() else {
+        return Ok(None);
+    };
+    let Some(format) = packer.downcast_ref::<F>() else {
+        return Ok(None);
+    };
+    Ok(super::pack_axes(model, node)?.map(|(k, mn)| (format, k, mn)))
 }
 
 /// The sizes of `input` along `k_axis` and `mn_axis`, and its element
