@@ -12,7 +12,6 @@
 //! per row where `k` is the inner axis, a transpose in blocks of rows where the
 //! weight is stored `k`-major. The same bytes as tract's packer.
 
-use tract_linalg::mmm::{EagerPackedInput, PackedExoticFact};
 use tract_linalg::x86_64::amx::PackedAmxA;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -41,23 +40,7 @@ pub fn fold(model: &mut TypedModel) -> TractResult<usize> {
         let (k, mn, k_stride, mn_stride) = super::pack::matrix(weight, *k_axis, *mn_axis)?;
         let view = weight.try_as_plain_ram()?;
         let packed = pack(format, view.as_bytes(), k, mn, k_stride, mn_stride)?;
-        let value = EagerPackedInput {
-            fact: PackedExoticFact {
-                format: Box::new(format.clone()),
-                mn: mn.to_dim(),
-                k,
-            },
-            packed: Arc::new(packed),
-            panel_bytes: format.single_panel_len(k),
-            mn,
-        };
-        let value = super::packed_value(
-            weight.shape(),
-            *k_axis,
-            *mn_axis,
-            Box::new(value),
-            DatumType::I8,
-        );
+        let value = super::pack::packed_matrix(format, weight.shape(), *k_axis, *mn_axis, packed);
         // The constant tract's constant folding would have made: the pack's
         // own fact (its formats) goes with the value.
         let node = model.node(*id);
@@ -72,6 +55,12 @@ pub fn fold(model: &mut TypedModel) -> TractResult<usize> {
         patch.apply(model)?;
     }
     Ok(found.len())
+}
+
+impl super::pack::Panels for PackedAmxA {
+    fn panel_len(&self, k: usize) -> usize {
+        self.single_panel_len(k)
+    }
 }
 
 /// A weight to pack: its format, value, and the axes of the matrix in it.
@@ -203,7 +192,7 @@ fn transpose8(tile: &mut [u64; 8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tract_linalg::mmm::MMMInputFormat;
+    use tract_linalg::mmm::{EagerPackedInput, MMMInputFormat};
 
     /// tract's own packing of `t` (its bytes).
     fn tracts(format: &PackedAmxA, t: &Tensor, k_axis: usize, mn_axis: usize) -> Vec<u8> {

@@ -209,10 +209,22 @@ fn pack_panels(
     Ok(packed)
 }
 
+/// A packing format whose panels are all one length.
+pub(super) trait Panels: MMMInputFormat + Clone {
+    /// The bytes of one panel of `k` columns.
+    fn panel_len(&self, k: usize) -> usize;
+}
+
+impl Panels for PackedI8K4 {
+    fn panel_len(&self, k: usize) -> usize {
+        self.single_panel_len(k)
+    }
+}
+
 /// The packed matrix `packed` of `input_shape` as the tensor tract's
 /// `OptMatMulPack` outputs.
-fn packed_matrix(
-    format: &PackedI8K4,
+pub(super) fn packed_matrix<F: Panels>(
+    format: &F,
     input_shape: &[usize],
     k_axis: usize,
     mn_axis: usize,
@@ -226,7 +238,7 @@ fn packed_matrix(
             k,
         },
         packed: Arc::new(packed),
-        panel_bytes: format.single_panel_len(k),
+        panel_bytes: format.panel_len(k),
         mn,
     };
     super::packed_value(input_shape, k_axis, mn_axis, Box::new(value), DatumType::I8)
