@@ -1,4 +1,4 @@
-//! The int8 weights packed for tract's AMX kernel, a row at a time.
+//! The int8 weights packed for tract's AMX kernel, a row or a tile at a time.
 //!
 //! On a CPU with AMX (Intel Sapphire Rapids and later, where the kernel lets the
 //! process use its tiles) tract runs the int8 matmuls with
@@ -9,8 +9,9 @@
 //! on the Intel Xeon (docs/perf.md, seventeenth round). Laid end to end, the
 //! panels are one row-major `[r * panels, k padded]` matrix, so [`fold`] packs
 //! each such weight itself before tract's constant folding reaches it: a copy
-//! per row where `k` is the inner axis, a transpose in blocks of rows where the
-//! weight is stored `k`-major. The same bytes as tract's packer.
+//! per row where `k` is the inner axis, and where the weight is stored
+//! `k`-major, 8 x 8 byte tiles transposed in registers. The same bytes as
+//! tract's packer.
 
 use tract_linalg::x86_64::amx::PackedAmxA;
 use tract_onnx::prelude::*;
