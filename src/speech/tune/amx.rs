@@ -28,20 +28,18 @@ pub fn fold(model: &mut TypedModel) -> TractResult<usize> {
             found.push((node.id, job));
         }
     }
-    for (
-        id,
-        Job {
-            format,
-            weight,
-            k_axis,
-            mn_axis,
-        },
-    ) in &found
-    {
-        let (k, mn, k_stride, mn_stride) = super::pack::matrix(weight, *k_axis, *mn_axis)?;
-        let view = weight.try_as_plain_ram()?;
-        let packed = pack(format, view.as_bytes(), k, mn, k_stride, mn_stride)?;
-        let value = super::pack::packed_matrix(format, weight.shape(), *k_axis, *mn_axis, packed);
+    for (id, job) in &found {
+        let (k, mn, k_stride, mn_stride) =
+            super::pack::matrix(&job.weight, job.k_axis, job.mn_axis)?;
+        let view = job.weight.try_as_plain_ram()?;
+        let packed = pack(&job.format, view.as_bytes(), k, mn, k_stride, mn_stride)?;
+        let value = super::pack::packed_matrix(
+            &job.format,
+            job.weight.shape(),
+            job.k_axis,
+            job.mn_axis,
+            packed,
+        );
         // The constant tract's constant folding would have made: the pack's
         // own fact (its formats) goes with the value.
         let node = model.node(*id);
@@ -142,25 +140,25 @@ pub fn pack(
     let mut rows: Vec<&mut [u8]> = rows.collect();
     for (g, group) in rows.chunks_mut(8).enumerate() {
         let first = g * 8;
-        let tiles = if group.len() == 8 && mn_stride == 1 {
-            for kk in (0..k8).step_by(8) {
-                let mut tile = [0u64; 8];
-                for (i, word) in tile.iter_mut().enumerate() {
-                    let at = (kk + i) * k_stride + first;
-                    let mut bytes = [0u8; 8];
-                    bytes.copy_from_slice(&src[at..at + 8]);
-                    *word = u64::from_le_bytes(bytes);
-                }
-                transpose8(&mut tile);
-                for (row, word) in group.iter_mut().zip(tile) {
-                    row[kk..kk + 8].copy_from_slice(&word.to_le_bytes());
-                }
-            }
+        let tiled = if group.len() == 8 && mn_stride == 1 {
             k8
         } else {
             0
         };
-        for kk in tiles..k {
+        for kk in (0..tiled).step_by(8) {
+            let mut tile = [0u64; 8];
+            for (i, word) in tile.iter_mut().enumerate() {
+                let at = (kk + i) * k_stride + first;
+                let mut bytes = [0u8; 8];
+                bytes.copy_from_slice(&src[at..at + 8]);
+                *word = u64::from_le_bytes(bytes);
+            }
+            transpose8(&mut tile);
+            for (row, word) in group.iter_mut().zip(tile) {
+                row[kk..kk + 8].copy_from_slice(&word.to_le_bytes());
+            }
+        }
+        for kk in tiled..k {
             let at = first * mn_stride + kk * k_stride;
             for (i, row) in group.iter_mut().enumerate() {
                 row[kk] = src[at + i * mn_stride];
