@@ -275,7 +275,8 @@ pub(crate) fn load_engine(
         "encoder in {} pieces ({} with a time symbol of their own), kernels: {}, our loops: {}; rewrites: {} weights read from the file into their tensors, \
          {} weight matmuls moved to the long-input kernel, \
          {} row-loop matmuls kept on one thread, {} zero weight zero points dropped, \
-         {} constant chains folded, {} int8 weights packed for AMX, {} quantizers vectorised, {} broadcasting element-wise ops \
+         {} constant chains folded, {} int8 weights packed for AMX, \
+         {} packed activations copied where AMX would read past them, {} quantizers vectorised, {} broadcasting element-wise ops \
          run as rows, {} depthwise convolutions run directly, {} int8 activation packings \
          run on the pool ({} quantised on the way), {} batched packings run on the pool, \
          {} int8 matmul sums scaled in one pass \
@@ -291,6 +292,7 @@ pub(crate) fn load_engine(
         r.zero_points,
         r.folded,
         r.amx_packed,
+        r.amx_tails,
         r.quantizers,
         r.broadcasts,
         r.depthwise,

@@ -235,7 +235,10 @@ pub(crate) fn load_encoder(
 /// How [`load_encoder_as`] builds the plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Build {
-    /// tract alone, in one piece: the reference the rewrites are tested against.
+    /// tract alone, in one piece: the reference the rewrites are tested against
+    /// (where tract's AMX kernels would read past the end of its packed int8
+    /// activations, they are copied into buffers that do not end there:
+    /// [`super::tune::pack::pad_amx_reads`]).
     #[cfg_attr(not(test), allow(dead_code))]
     Plain,
     /// The lean read, the `tune` rewrites, one piece per layer; with
@@ -353,6 +356,7 @@ pub(crate) fn load_encoder_as(
     let pieces = match build {
         Build::Plain => model
             .into_optimized()
+            .and_then(|mut m| super::tune::pack::pad_amx_reads(&mut m).map(|_| m))
             .and_then(|m| m.into_runnable_with_options(&options))
             .and_then(super::pieces::Pieces::whole)
             .map_err(&err)?,

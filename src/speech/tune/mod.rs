@@ -76,6 +76,9 @@ pub struct Rewrites {
     pub folded: usize,
     /// int8 weights packed for tract's AMX kernel by [`amx::fold`].
     pub amx_packed: usize,
+    /// Packed activations copied where tract's AMX kernel would read past
+    /// them ([`pack::pad_amx_reads`]).
+    pub amx_tails: usize,
     /// `DynamicQuantizeLinear` nodes replaced.
     pub quantizers: usize,
     /// fp32 weight matmuls moved to the kernel tract prefers for long inputs.
@@ -111,6 +114,7 @@ impl Rewrites {
         self.zero_points += other.zero_points;
         self.folded += other.folded;
         self.amx_packed += other.amx_packed;
+        self.amx_tails += other.amx_tails;
         self.quantizers += other.quantizers;
         self.retargeted += other.retargeted;
         self.serialized += other.serialized;
@@ -175,6 +179,7 @@ pub fn rewrite_optimized(
     done.packs += pack::replace_i8_packs(model)?;
     done.quantized_packs += pack::fuse_quantize_packs(model)?;
     done.batch_packs += batch::replace_batched_packs(model)?;
+    done.amx_tails += pack::pad_amx_reads(model)?;
     let (scaled, biased) = dequant::replace_scaled_casts(model)?;
     done.scaled_casts += scaled;
     done.biased_casts += biased;
@@ -1258,14 +1263,18 @@ impl TypedOp for Serial {
 
 /// The matmul kernels a plan uses, with how many products use each
 /// (`avx512_mmm_f32_64x3 x226`), for the startup log.
+/// The matmul `node` runs, bare or kept on the calling thread ([`Serial`]).
+pub(crate) fn opt_matmul(node: &TypedNode) -> Option<&OptMatMul> {
+    node.op_as::<OptMatMul>().or_else(|| {
+        node.op_as::<Serial>()
+            .and_then(|s| s.0.as_op().downcast_ref::<OptMatMul>())
+    })
+}
+
 pub fn kernel_summary<'a>(models: impl IntoIterator<Item = &'a TypedModel>) -> String {
     let mut kernels: BTreeMap<String, usize> = BTreeMap::new();
     for node in models.into_iter().flat_map(|m| &m.nodes) {
-        let op = node.op_as::<OptMatMul>().or_else(|| {
-            node.op_as::<Serial>()
-                .and_then(|s| s.0.as_op().downcast_ref::<OptMatMul>())
-        });
-        if let Some(op) = op {
+        if let Some(op) = opt_matmul(node) {
             let names: Vec<String> = op.mmm.iter().map(|m| m.name().to_string()).collect();
             *kernels.entry(names.join("|")).or_default() += 1;
         }
@@ -1580,6 +1589,126 @@ mod tests {
             assert!(done.packs > 0 && done.quantized_packs > 0, "{done:?}");
         }
         assert_eq!(done.amx_packed > 0, amx(), "{done:?}");
+    }
+
+    /// What makes a test process build the plans of a CPU with AMX.
+    const AMX_ISA: (&str, &str) = ("TRACT_CPU_ISA", "+amx-int8");
+
+    /// The plans tract builds for a CPU with AMX read nothing past a buffer,
+    /// on any x86-64 CPU with AVX-512: a child process, told by
+    /// `TRACT_CPU_ISA` that this CPU has AMX, builds them (and runs nothing,
+    /// which a CPU without AMX could not) and checks every int8 matmul.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn amx_plans_read_nothing_past_their_buffers() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            eprintln!("no AVX-512 here: tract has no AMX kernel to pick");
+            return;
+        }
+        let exe = std::env::current_exe().expect("test binary");
+        let child = "speech::tune::tests::amx_plans_in_this_process";
+        let out = std::process::Command::new(exe)
+            .args([
+                "--exact",
+                child,
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(AMX_ISA.0, AMX_ISA.1)
+            .output()
+            .expect("run the child");
+        let printed = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{printed}");
+        assert!(printed.contains("1 passed"), "{printed}");
+    }
+
+    /// The child of [`amx_plans_read_nothing_past_their_buffers`]: the tiny
+    /// int8 encoder (and the full-size one where `make bench` made it), built
+    /// by tract alone and with the rewrites, in a process whose tract was
+    /// told the CPU has AMX.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    #[ignore = "run by amx_plans_read_nothing_past_their_buffers, in a process told the CPU has AMX"]
+    fn amx_plans_in_this_process() {
+        assert_eq!(
+            std::env::var(AMX_ISA.0).as_deref(),
+            Ok(AMX_ISA.1),
+            "run by amx_plans_read_nothing_past_their_buffers"
+        );
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let full = "models/gigaam-v3-full-random/gen";
+        let mut dirs = vec!["models/gigaam-v3-tiny-random"];
+        if root
+            .join(full)
+            .join("v3_e2e_rnnt_encoder_int8.onnx")
+            .exists()
+        {
+            dirs.push(full);
+        }
+        for dir in dirs {
+            let path = root.join(dir).join("v3_e2e_rnnt_encoder_int8.onnx");
+            for build in [Build::Plain, Build::Tuned(Exactness::Close)] {
+                let names = ("audio_signal", "length");
+                let (encoder, how) = load_encoder_as(&path, names, None, build).expect("encoder");
+                eprintln!("{dir}, {build:?}: {}", how.kernels);
+                assert!(how.kernels.contains("avx512amx_mmm_i32"), "{}", how.kernels);
+                let over: Vec<String> = encoder
+                    .pieces
+                    .models()
+                    .flat_map(pack::amx_overreads)
+                    .collect();
+                assert!(over.is_empty(), "{dir}, {build:?}: {over:?}");
+                let tails = encoder
+                    .pieces
+                    .models()
+                    .flat_map(|m| &m.nodes)
+                    .filter(|n| n.op_is::<pack::AmxTail>())
+                    .count();
+                eprintln!("{dir}, {build:?}: {tails} packed activations copied for AMX");
+                if build != Build::Plain {
+                    // GigaAM's int8 activations are all packed by our packers,
+                    // which leave the tail: the server's plan copies none.
+                    assert_eq!((tails, how.rewrites.amx_tails), (0, 0), "{dir}");
+                }
+            }
+        }
+    }
+
+    /// An [`pack::AmxTail`] before every int8 matmul's packed activations in
+    /// tract's own plan of the tiny int8 encoder, as [`pack::pad_amx_reads`]
+    /// puts them where tract runs AMX (here any kernel reads through them):
+    /// the output keeps every bit.
+    #[test]
+    fn amx_tails_change_no_bit_of_tract_s_output() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models/gigaam-v3-tiny-random/v3_e2e_rnnt_encoder_int8.onnx");
+        let names = ("audio_signal", "length");
+        let onnx = tract_onnx::onnx().model_for_path(&path).expect("onnx");
+        let (typed, signal_first) =
+            crate::speech::model::type_encoder(onnx, names, &path).expect("typed");
+        assert!(signal_first);
+        let plain = typed.into_optimized().expect("optimised");
+        let mut tailed = plain.clone();
+        let tails = pack::pad_every_i8_read(&mut tailed).expect("tails");
+        // The weight matmuls' and the depthwise convolutions'.
+        assert!(tails >= 24, "{tails} tails");
+        let frames = 97;
+        let mut rnd = uniform(5);
+        let data: Vec<f32> = (0..64 * frames).map(|_| rnd() * 3.0 - 1.0).collect();
+        let run = |model: TypedModel| {
+            let signal = Tensor::from_shape(&[1, 64, frames], &data).expect("signal");
+            let length = Tensor::from_shape(&[1], &[frames as i64]).expect("length");
+            let out = model
+                .into_runnable()
+                .and_then(|plan| plan.run(tvec![signal.into_tvalue(), length.into_tvalue()]))
+                .expect("run");
+            let view = out[0].try_as_plain_ram().expect("plain");
+            let values = view.as_slice::<f32>().expect("f32");
+            values.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        assert!(run(plain) == run(tailed), "the tails changed the output");
     }
 
     /// The full-size int8 model (`make bench` generates it), where tract's

@@ -13,11 +13,20 @@
 //! ([`super::FastDynamicQuantize`]) and nothing else reads them,
 //! [`QuantizePack`] quantises each row into the panels as it packs: the u8
 //! tensor between the two (written, then read back) is never made.
+//!
+//! tract's AMX kernels read the same panels 64 `k` at a time, past the end of
+//! a matrix whose `k` is not a multiple of 64 ([`amx_tail`]): both packers
+//! leave those bytes, zeroed, after the panels, and [`pad_amx_reads`] copies
+//! any other packed activations an AMX kernel reads (tract's own, in its
+//! plans of the depthwise convolutions) into buffers that leave them too.
 
-use tract_linalg::mmm::{EagerPackedInput, MMMInputFormat, PackedExoticFact};
+use tract_linalg::mmm::{
+    EagerPackedInput, MMMInputFormat, MMMInputValue, PackedExoticFact, PackedMatrixStorage,
+};
 use tract_linalg::pack::PackedI8K4;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, ProtoFusedSpec};
 use tract_onnx::tract_core::ops::matmul::pack::DynPackedExoticFact;
 
 /// Replaces each unbatched `OptMatMulPack` into `PackedI8K4` of an optimised
@@ -177,9 +186,216 @@ pub(super) fn matrix(
 /// The top bit: XORed into a u8 it makes `x - 128` as an i8.
 const SHIFT: u8 = 0x80;
 
+/// How many `k` tract's AMX int8 kernels (`avx512amx_mmm_i32_8x8` and
+/// `_16x16`, tract 0.23.9) take in one step: each `tileloadd` of the
+/// activations reads 16 blocks of four `k`, `4 r` bytes each, from a panel.
+pub const AMX_K_STEP: usize = 64;
+
+/// The bytes tract's AMX kernels read past the end of a `PackedI8K4` matrix
+/// of `r` rows a panel and `k` columns. They read every panel for `k` rounded
+/// up to [`AMX_K_STEP`], but `PackedI8K4` pads `k` only to a multiple of four,
+/// so the last panel is read up to `60 r` bytes past its end. The weights'
+/// panels are padded with zeros to the same `k` (`PackedAmxA`), so those bytes
+/// change no sum; but where the buffer ends at the end of a mapped page (musl's
+/// allocator places large buffers so) the load faults: SIGSEGV, seen on the
+/// Intel Xeon (docs/perf.md, eighteenth round). Our packers leave this many
+/// zero bytes after the panels.
+pub fn amx_tail(r: usize, k: usize) -> usize {
+    (k.next_multiple_of(AMX_K_STEP) - k.next_multiple_of(4)) * r
+}
+
+/// The matmuls of `model` that one of tract's AMX int8 kernels would run
+/// reading past the end of their activations ([`amx_tail`]): `k` not a
+/// multiple of [`AMX_K_STEP`] (or not known), and the packed activations not
+/// from [`PackI8K4`], [`QuantizePack`] or [`AmxTail`]. Their node names; none
+/// where tract picked no AMX kernel.
+pub fn amx_overreads(model: &TypedModel) -> Vec<String> {
+    overread_inputs(model)
+        .into_iter()
+        .map(|(id, _)| model.node(id).name.clone())
+        .collect()
+}
+
+/// The matmuls [`amx_overreads`] names, each with the input slot of its
+/// activations (`None` where they are a constant).
+fn overread_inputs(model: &TypedModel) -> Vec<(usize, Option<usize>)> {
+    i8_activations(model)
+        .into_iter()
+        .filter(|a| a.on_amx && !a.whole_steps && !a.ours)
+        .map(|a| (a.node, a.slot))
+        .collect()
+}
+
+/// The packed int8 activations one matmul reads.
+struct I8Activations {
+    /// The matmul.
+    node: usize,
+    /// Its input that they are, `None` for a constant.
+    slot: Option<usize>,
+    /// One of tract's AMX kernels may read them.
+    on_amx: bool,
+    /// `k` is a multiple of [`AMX_K_STEP`].
+    whole_steps: bool,
+    /// Packed by [`PackI8K4`] or [`QuantizePack`], or copied by [`AmxTail`].
+    ours: bool,
+}
+
+/// The packed int8 (`PackedI8K4`) activations of every matmul in `model`.
+fn i8_activations(model: &TypedModel) -> Vec<I8Activations> {
+    let mut found = vec![];
+    for node in &model.nodes {
+        let Some(op) = super::opt_matmul(node) else {
+            continue;
+        };
+        for uop in &op.micro_ops {
+            let ProtoFusedSpec::AddMatMul {
+                geo, b, packings, ..
+            } = uop
+            else {
+                continue;
+            };
+            let kernels = op.mmm.iter().zip(packings).filter(|(mmm, (packing, _))| {
+                mmm.packings()
+                    .get(*packing)
+                    .is_some_and(|(_, b)| b.downcast_ref::<PackedI8K4>().is_some())
+            });
+            let mut any = false;
+            let mut on_amx = false;
+            for (mmm, _) in kernels {
+                any = true;
+                on_amx |= mmm.name().starts_with("avx512amx_mmm_i32");
+            }
+            if !any {
+                continue;
+            }
+            let slot = match b {
+                MatMulOperand::Input(slot) => Some(*slot),
+                MatMulOperand::Const(_) => None,
+            };
+            let ours = slot.and_then(|s| node.inputs.get(s)).is_some_and(|input| {
+                let packer = model.node(input.node);
+                packer.op_is::<PackI8K4>()
+                    || packer.op_is::<QuantizePack>()
+                    || packer.op_is::<AmxTail>()
+            });
+            found.push(I8Activations {
+                node: node.id,
+                slot,
+                on_amx,
+                whole_steps: geo.k.to_usize().is_ok_and(|k| k % AMX_K_STEP == 0),
+                ours,
+            });
+        }
+    }
+    found
+}
+
+/// Puts an [`AmxTail`] before each matmul that one of tract's AMX kernels
+/// would run reading past the end of its packed activations
+/// ([`amx_overreads`]), on that input alone. Returns how many it put; fails
+/// on a matmul whose activations are a constant (none in GigaAM's graphs).
+pub fn pad_amx_reads(model: &mut TypedModel) -> TractResult<usize> {
+    let found = overread_inputs(model);
+    for &(id, slot) in &found {
+        let Some(slot) = slot else {
+            bail!(
+                "{}: tract's AMX kernel would read past its constant activations",
+                model.node(id).name
+            );
+        };
+        put_tail(model, id, slot)?;
+    }
+    Ok(found.len())
+}
+
+/// Puts an [`AmxTail`] on input `slot` of node `id`.
+fn put_tail(model: &mut TypedModel, id: usize, slot: usize) -> TractResult<()> {
+    let input = model.node(id).inputs[slot];
+    let fact = model.outlet_fact(input)?.clone();
+    let name = format!("{}.amx_tail", model.node(id).name);
+    let tail = model.add_node(name, AmxTail, tvec!(fact))?;
+    model.add_edge(input, InletId::new(tail, 0))?;
+    model.add_edge(OutletId::new(tail, 0), InletId::new(id, slot))
+}
+
+/// Puts an [`AmxTail`] before every matmul's packed int8 activations that
+/// are not ours, whatever the kernel: what [`pad_amx_reads`] does on a CPU
+/// with AMX, for a test on any CPU. Returns how many it put.
+#[cfg(test)]
+pub(super) fn pad_every_i8_read(model: &mut TypedModel) -> TractResult<usize> {
+    let found: Vec<_> = i8_activations(model)
+        .into_iter()
+        .filter(|a| !a.ours)
+        .filter_map(|a| Some((a.node, a.slot?)))
+        .collect();
+    for &(id, slot) in &found {
+        put_tail(model, id, slot)?;
+    }
+    Ok(found.len())
+}
+
+/// Copies packed int8 activations (tract's, of any batch) into buffers that
+/// end where tract's AMX kernels stop reading ([`amx_tail`]): the same bytes,
+/// then zeros.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AmxTail;
+
+impl Op for AmxTail {
+    fn name(&self) -> StaticName {
+        "AmxTail".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for AmxTail {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = &inputs[0];
+        let storage = input.try_storage_as::<PackedMatrixStorage>()?;
+        let mut values: TVec<Box<dyn MMMInputValue>> = tvec![];
+        for value in storage.values() {
+            let Some(eager) = value.downcast_ref::<EagerPackedInput>() else {
+                bail!("AmxTail: {value} is not a packed matrix in memory");
+            };
+            let r = eager.fact.format.r();
+            let bytes = eager.packed.as_bytes();
+            let read_end = match eager.mn.div_ceil(r) {
+                0 => 0,
+                panels => {
+                    (panels - 1) * eager.panel_bytes + eager.k().next_multiple_of(AMX_K_STEP) * r
+                }
+            };
+            let align = eager.packed.layout().align();
+            let mut blob =
+                Tensor::zero_aligned::<i8>(&[bytes.len().max(read_end)], align)?.into_blob()?;
+            blob.as_bytes_mut()[..bytes.len()].copy_from_slice(bytes);
+            values.push(Box::new(EagerPackedInput {
+                fact: eager.fact.clone(),
+                packed: Arc::new(blob),
+                panel_bytes: eager.panel_bytes,
+                mn: eager.mn,
+            }));
+        }
+        let output = PackedMatrixStorage::new_batched(storage.batch_shape(), values)
+            .into_tensor(input.datum_type());
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for AmxTail {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(inputs[0].clone()))
+    }
+
+    as_op!();
+}
+
 /// A zeroed buffer for `k` x `mn` in `format`, each of its panels handed to
 /// `fill` with the first `mn` row it holds and how many it holds (the last
-/// panel may hold fewer than `r`), the panels split across the pool.
+/// panel may hold fewer than `r`), the panels split across the pool; then
+/// [`amx_tail`] zero bytes.
 fn pack_panels(
     format: &PackedI8K4,
     k: usize,
@@ -188,14 +404,16 @@ fn pack_panels(
 ) -> TractResult<Blob> {
     let r = format.r;
     let panel_len = format.single_panel_len(k);
+    let total = format.len(k, mn);
+    // The zeroed tail after the panels is what tract's AMX kernels read past
+    // them (`amx_tail`); no kernel gets anything from it.
     let mut packed =
-        Tensor::zero_aligned::<i8>(&[format.len(k, mn)], format.alignment())?.into_blob()?;
+        Tensor::zero_aligned::<i8>(&[total + amx_tail(r, k)], format.alignment())?.into_blob()?;
     if panel_len == 0 {
         return Ok(packed);
     }
-    let total = packed.len();
     tract_linalg::multithread::par_chunks_mut(
-        packed.as_bytes_mut(),
+        &mut packed.as_bytes_mut()[..total],
         panel_len,
         total,
         |first, chunk| {
@@ -498,12 +716,20 @@ mod tests {
     /// packed matrix.
     type Packed = (Vec<u8>, usize, usize, usize, usize);
 
+    /// The panels of `value`, without the zero bytes after them (which
+    /// tract's own packers do not leave, and ours must: [`amx_tail`]).
     fn packed(value: &dyn MMMInputValue) -> Packed {
         let eager = value
             .downcast_ref::<EagerPackedInput>()
             .expect("eager packed");
+        let bytes = eager.packed.as_bytes();
+        let panels = eager.mn.div_ceil(eager.fact.format.r()) * eager.panel_bytes;
+        assert!(
+            bytes[panels..].iter().all(|b| *b == 0),
+            "non-zero bytes after the panels"
+        );
         (
-            eager.packed.as_bytes().to_vec(),
+            bytes[..panels].to_vec(),
             eager.packed.layout().align(),
             eager.panel_bytes,
             eager.mn,
@@ -664,6 +890,72 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// How far tract's AMX kernels read from the first byte of `value`: every
+    /// panel for `k` rounded up to [`AMX_K_STEP`], `r` rows of it.
+    fn amx_read_end(value: &dyn MMMInputValue) -> usize {
+        let eager = value
+            .downcast_ref::<EagerPackedInput>()
+            .expect("eager packed");
+        let r = eager.fact.format.r();
+        let panels = eager.mn.div_ceil(r);
+        (panels - 1) * eager.panel_bytes + eager.k().next_multiple_of(AMX_K_STEP) * r
+    }
+
+    /// Both packers leave the bytes the AMX kernels read past the last panel,
+    /// for every `k` (tract's own packer, the reference, leaves none where `k`
+    /// is not a multiple of 64), with either panel width those kernels take.
+    #[test]
+    fn leave_the_bytes_the_amx_kernels_read_past_the_panels() {
+        for r in [8, 16] {
+            for (rows, k) in [(1, 1), (5, 7), (16, 64), (17, 65), (37, 130), (250, 768)] {
+                let format = PackedI8K4::new(r);
+                let pack = PackI8K4 {
+                    format: format.clone(),
+                    k_axis: 1,
+                    mn_axis: 0,
+                    from_u8: false,
+                };
+                let input = Tensor::from_shape(&[rows, k], &vec![1i8; rows * k]).expect("i8");
+                let out = pack
+                    .eval(&EvalContext::out_of_plan(), tvec![input.into_tvalue()])
+                    .expect("pack");
+                let quantize = QuantizePack {
+                    format: format.clone(),
+                    k_axis: 1,
+                    mn_axis: 0,
+                };
+                let input =
+                    Tensor::from_shape(&[rows, k], &activations(rows * k, false)).expect("f32");
+                let quantized = quantize
+                    .eval(&EvalContext::out_of_plan(), tvec![input.into_tvalue()])
+                    .expect("quantize and pack");
+                for (what, out) in [("PackI8K4", &out[0]), ("QuantizePack", &quantized[0])] {
+                    let storage = out
+                        .try_storage_as::<PackedMatrixStorage>()
+                        .expect("packed storage");
+                    let value = storage.value();
+                    let eager = value.downcast_ref::<EagerPackedInput>().expect("eager");
+                    assert!(
+                        eager.packed.len() >= amx_read_end(value),
+                        "{what} r {r}, {rows}x{k}: {} bytes, read to {}",
+                        eager.packed.len(),
+                        amx_read_end(value)
+                    );
+                    // The bytes only: no more than that, and zeros (`packed`).
+                    assert_eq!(eager.packed.len(), format.len(k, rows) + amx_tail(r, k));
+                    packed(value);
+                }
+            }
+        }
+        // The reference: tract's packer stops at the panels.
+        let matrix = Tensor::from_shape(&[5, 7], &[1i8; 35]).expect("i8");
+        let theirs = PackedI8K4::new(16)
+            .prepare_one(&matrix, 1, 0)
+            .expect("pack");
+        let eager = theirs.downcast_ref::<EagerPackedInput>().expect("eager");
+        assert!(eager.packed.len() < amx_read_end(&*theirs));
     }
 
     #[test]
