@@ -16,6 +16,10 @@
 # (tests/fixtures/extra/long_70s.wav), BENCH_ONNX_ASR (1; 0 skips onnx-asr), PYTHON (python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# With RUST_BACKTRACE set, every error tract's optimiser tries and drops captures a
+# backtrace, and the load takes several times longer (README): time it as the server
+# is meant to run, with backtraces for panics only.
+export RUST_LIB_BACKTRACE=0
 
 rounds=${BENCH_ROUNDS:-3}
 reps=${BENCH_REPS:-3}
