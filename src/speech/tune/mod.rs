@@ -33,6 +33,9 @@
 //!   written only for the packing to read back.
 //! - [`batch::replace_batched_packs`]: tract packs the attention's 16 heads
 //!   one after another on one thread.
+//! - [`pack::pad_amx_reads`]: tract's AMX kernels read past the end of packed
+//!   activations whose `k` is not a multiple of 64 (a fault where the buffer
+//!   ends a page); such activations are copied into buffers that leave room.
 //! - [`dequant::replace_scaled_casts`]: tract converts the int8 matmul sums to
 //!   f32 on one thread, scales them in a second pass and adds the bias in a
 //!   third.
@@ -1261,8 +1264,6 @@ impl TypedOp for Serial {
     as_op!();
 }
 
-/// The matmul kernels a plan uses, with how many products use each
-/// (`avx512_mmm_f32_64x3 x226`), for the startup log.
 /// The matmul `node` runs, bare or kept on the calling thread ([`Serial`]).
 pub(crate) fn opt_matmul(node: &TypedNode) -> Option<&OptMatMul> {
     node.op_as::<OptMatMul>().or_else(|| {
@@ -1271,6 +1272,8 @@ pub(crate) fn opt_matmul(node: &TypedNode) -> Option<&OptMatMul> {
     })
 }
 
+/// The matmul kernels a plan uses, with how many products use each
+/// (`avx512_mmm_f32_64x3 x226`), for the startup log.
 pub fn kernel_summary<'a>(models: impl IntoIterator<Item = &'a TypedModel>) -> String {
     let mut kernels: BTreeMap<String, usize> = BTreeMap::new();
     for node in models.into_iter().flat_map(|m| &m.nodes) {
