@@ -204,12 +204,23 @@ pub fn amx_tail(r: usize, k: usize) -> usize {
     (k.next_multiple_of(AMX_K_STEP) - k.next_multiple_of(4)) * r
 }
 
+/// How far from its first byte tract's AMX kernels read a packed matrix:
+/// every panel for `k` rounded up to [`AMX_K_STEP`], `r` rows of it.
+fn amx_read_end(matrix: &EagerPackedInput) -> usize {
+    let r = matrix.fact.format.r();
+    match matrix.mn.div_ceil(r) {
+        0 => 0,
+        panels => (panels - 1) * matrix.panel_bytes + matrix.k().next_multiple_of(AMX_K_STEP) * r,
+    }
+}
+
 /// The matmuls of `model` that one of tract's AMX int8 kernels would run
 /// reading past the end of their activations ([`amx_tail`]): `k` not a
 /// multiple of [`AMX_K_STEP`] (or not known), and the packed activations not
 /// from [`PackI8K4`], [`QuantizePack`] or [`AmxTail`]. Their node names; none
 /// where tract picked no AMX kernel.
-pub fn amx_overreads(model: &TypedModel) -> Vec<String> {
+#[cfg(test)]
+pub(super) fn amx_overreads(model: &TypedModel) -> Vec<String> {
     overread_inputs(model)
         .into_iter()
         .map(|(id, _)| model.node(id).name.clone())
@@ -254,18 +265,19 @@ fn i8_activations(model: &TypedModel) -> Vec<I8Activations> {
             else {
                 continue;
             };
-            let kernels = op.mmm.iter().zip(packings).filter(|(mmm, (packing, _))| {
-                mmm.packings()
-                    .get(*packing)
-                    .is_some_and(|(_, b)| b.downcast_ref::<PackedI8K4>().is_some())
-            });
-            let mut any = false;
-            let mut on_amx = false;
-            for (mmm, _) in kernels {
-                any = true;
-                on_amx |= mmm.name().starts_with("avx512amx_mmm_i32");
-            }
-            if !any {
+            // The kernels (one per mode) that read these activations as `PackedI8K4`.
+            let kernels: Vec<_> = op
+                .mmm
+                .iter()
+                .zip(packings)
+                .filter(|(mmm, (packing, _))| {
+                    mmm.packings()
+                        .get(*packing)
+                        .is_some_and(|(_, b)| b.downcast_ref::<PackedI8K4>().is_some())
+                })
+                .map(|(mmm, _)| mmm.name())
+                .collect();
+            if kernels.is_empty() {
                 continue;
             }
             let slot = match b {
@@ -281,7 +293,7 @@ fn i8_activations(model: &TypedModel) -> Vec<I8Activations> {
             found.push(I8Activations {
                 node: node.id,
                 slot,
-                on_amx,
+                on_amx: kernels.iter().any(|n| n.starts_with("avx512amx_mmm_i32")),
                 whole_steps: geo.k.to_usize().is_ok_and(|k| k % AMX_K_STEP == 0),
                 ours,
             });
@@ -295,27 +307,31 @@ fn i8_activations(model: &TypedModel) -> Vec<I8Activations> {
 /// ([`amx_overreads`]), on that input alone. Returns how many it put; fails
 /// on a matmul whose activations are a constant (none in GigaAM's graphs).
 pub fn pad_amx_reads(model: &mut TypedModel) -> TractResult<usize> {
-    let found = overread_inputs(model);
-    for &(id, slot) in &found {
+    let mut at = vec![];
+    for (id, slot) in overread_inputs(model) {
         let Some(slot) = slot else {
             bail!(
                 "{}: tract's AMX kernel would read past its constant activations",
                 model.node(id).name
             );
         };
-        put_tail(model, id, slot)?;
+        at.push((id, slot));
     }
-    Ok(found.len())
+    put_tails(model, &at)
 }
 
-/// Puts an [`AmxTail`] on input `slot` of node `id`.
-fn put_tail(model: &mut TypedModel, id: usize, slot: usize) -> TractResult<()> {
-    let input = model.node(id).inputs[slot];
-    let fact = model.outlet_fact(input)?.clone();
-    let name = format!("{}.amx_tail", model.node(id).name);
-    let tail = model.add_node(name, AmxTail, tvec!(fact))?;
-    model.add_edge(input, InletId::new(tail, 0))?;
-    model.add_edge(OutletId::new(tail, 0), InletId::new(id, slot))
+/// Puts an [`AmxTail`] on input `slot` of node `id` for each `(id, slot)`
+/// of `at`; returns how many it put.
+fn put_tails(model: &mut TypedModel, at: &[(usize, usize)]) -> TractResult<usize> {
+    for &(id, slot) in at {
+        let input = model.node(id).inputs[slot];
+        let fact = model.outlet_fact(input)?.clone();
+        let name = format!("{}.amx_tail", model.node(id).name);
+        let tail = model.add_node(name, AmxTail, tvec!(fact))?;
+        model.add_edge(input, InletId::new(tail, 0))?;
+        model.add_edge(OutletId::new(tail, 0), InletId::new(id, slot))?;
+    }
+    Ok(at.len())
 }
 
 /// Puts an [`AmxTail`] before every matmul's packed int8 activations that
@@ -323,15 +339,12 @@ fn put_tail(model: &mut TypedModel, id: usize, slot: usize) -> TractResult<()> {
 /// with AMX, for a test on any CPU. Returns how many it put.
 #[cfg(test)]
 pub(super) fn pad_every_i8_read(model: &mut TypedModel) -> TractResult<usize> {
-    let found: Vec<_> = i8_activations(model)
+    let at: Vec<_> = i8_activations(model)
         .into_iter()
         .filter(|a| !a.ours)
         .filter_map(|a| Some((a.node, a.slot?)))
         .collect();
-    for &(id, slot) in &found {
-        put_tail(model, id, slot)?;
-    }
-    Ok(found.len())
+    put_tails(model, &at)
 }
 
 /// Copies packed int8 activations (tract's, of any batch) into buffers that
@@ -359,14 +372,8 @@ impl EvalOp for AmxTail {
             let Some(eager) = value.downcast_ref::<EagerPackedInput>() else {
                 bail!("AmxTail: {value} is not a packed matrix in memory");
             };
-            let r = eager.fact.format.r();
             let bytes = eager.packed.as_bytes();
-            let read_end = match eager.mn.div_ceil(r) {
-                0 => 0,
-                panels => {
-                    (panels - 1) * eager.panel_bytes + eager.k().next_multiple_of(AMX_K_STEP) * r
-                }
-            };
+            let read_end = amx_read_end(eager);
             let align = eager.packed.layout().align();
             let mut blob =
                 Tensor::zero_aligned::<i8>(&[bytes.len().max(read_end)], align)?.into_blob()?;
@@ -892,17 +899,6 @@ mod tests {
         }
     }
 
-    /// How far tract's AMX kernels read from the first byte of `value`: every
-    /// panel for `k` rounded up to [`AMX_K_STEP`], `r` rows of it.
-    fn amx_read_end(value: &dyn MMMInputValue) -> usize {
-        let eager = value
-            .downcast_ref::<EagerPackedInput>()
-            .expect("eager packed");
-        let r = eager.fact.format.r();
-        let panels = eager.mn.div_ceil(r);
-        (panels - 1) * eager.panel_bytes + eager.k().next_multiple_of(AMX_K_STEP) * r
-    }
-
     /// Both packers leave the bytes the AMX kernels read past the last panel,
     /// for every `k` (tract's own packer, the reference, leaves none where `k`
     /// is not a multiple of 64), with either panel width those kernels take.
@@ -938,10 +934,10 @@ mod tests {
                     let value = storage.value();
                     let eager = value.downcast_ref::<EagerPackedInput>().expect("eager");
                     assert!(
-                        eager.packed.len() >= amx_read_end(value),
+                        eager.packed.len() >= amx_read_end(eager),
                         "{what} r {r}, {rows}x{k}: {} bytes, read to {}",
                         eager.packed.len(),
-                        amx_read_end(value)
+                        amx_read_end(eager)
                     );
                     // The bytes only: no more than that, and zeros (`packed`).
                     assert_eq!(eager.packed.len(), format.len(k, rows) + amx_tail(r, k));
@@ -955,7 +951,7 @@ mod tests {
             .prepare_one(&matrix, 1, 0)
             .expect("pack");
         let eager = theirs.downcast_ref::<EagerPackedInput>().expect("eager");
-        assert!(eager.packed.len() < amx_read_end(&*theirs));
+        assert!(eager.packed.len() < amx_read_end(eager));
     }
 
     #[test]
