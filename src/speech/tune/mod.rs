@@ -1,7 +1,8 @@
 //! Graph rewrites for what tract 0.23.9 leaves slow in GigaAM's graphs
-//! (measured in docs/perf.md). Each one but the softmax and the LayerNorm is
-//! exact: the model computes the same numbers, bit for bit, only sooner. Those
-//! two take their `exp` and sums their own way, not tract's kernels', so
+//! (measured in docs/perf.md). Each one but the softmax, the LayerNorm and the
+//! fp32 weight matmuls is exact: the model computes the same numbers, bit for
+//! bit, only sooner. Those three take their `exp` and sums their own way, not
+//! tract's kernels', so
 //! [`Exactness::Bits`] leaves them out, for the tests that compare bits.
 //!
 //! - [`drop_zero_weight_zero_points`]: the int8 export gives every weight a
@@ -18,8 +19,11 @@
 //!   before tract's packer copies it a byte at a time.
 //! - [`FastDynamicQuantize`]: tract's `DynamicQuantizeLinear` is a scalar loop
 //!   (a libm call per element for the rounding); this one vectorises.
+//! - [`gemm::replace_weight_matmuls`]: tract-linalg's f32 kernels run the fp32
+//!   weight matmuls without cache blocking, at two thirds of faer's rate.
 //! - [`retarget_weight_matmuls`]: with a symbolic time axis tract gives the fp32
-//!   weight matmuls a kernel that is slow and does not scale across threads.
+//!   weight matmuls a kernel that is slow and does not scale across threads
+//!   (those [`gemm`] leaves, and every one in the bit tests).
 //! - [`serialize_row_loops`]: loops of one-row matmuls cost more to dispatch to
 //!   the thread pool than to run.
 //! - [`broadcast::replace_broadcast_binops`]: with a symbolic time axis tract
@@ -54,6 +58,7 @@ pub mod batch;
 pub mod broadcast;
 pub mod depthwise;
 pub mod dequant;
+pub mod gemm;
 pub mod norm;
 pub mod pack;
 pub mod softmax;
@@ -84,6 +89,8 @@ pub struct Rewrites {
     pub amx_tails: usize,
     /// `DynamicQuantizeLinear` nodes replaced.
     pub quantizers: usize,
+    /// fp32 weight matmuls run on faer's kernels ([`gemm`]).
+    pub gemms: usize,
     /// fp32 weight matmuls moved to the kernel tract prefers for long inputs.
     pub retargeted: usize,
     /// Loops of one-row matmuls kept on the calling thread.
@@ -119,6 +126,7 @@ impl Rewrites {
         self.amx_packed += other.amx_packed;
         self.amx_tails += other.amx_tails;
         self.quantizers += other.quantizers;
+        self.gemms += other.gemms;
         self.retargeted += other.retargeted;
         self.serialized += other.serialized;
         self.broadcasts += other.broadcasts;
@@ -150,8 +158,8 @@ pub fn rewrite_decluttered(model: &mut TypedModel, done: &mut Rewrites) -> Tract
 pub enum Exactness {
     /// Only those that keep every bit of tract's output.
     Bits,
-    /// Also the softmax and the LayerNorms, within a few units in the last
-    /// place of tract's.
+    /// Also the softmax, the LayerNorms and the fp32 weight matmuls on faer,
+    /// within a few units in the last place of tract's.
     Close,
 }
 
@@ -166,6 +174,9 @@ pub fn rewrite_optimized(
 ) -> TractResult<()> {
     done.folded += fold_constant_chains(model)?;
     done.quantizers += replace_dynamic_quantize(model)?;
+    if exactness == Exactness::Close {
+        done.gemms += gemm::replace_weight_matmuls(model)?;
+    }
     let mut retarget = || retarget_weight_matmuls(model, KERNEL_N_HINT);
     done.retargeted += match executor {
         Some(pool) => tract_linalg::multithread::multithread_tract_scope(pool, retarget)?,
@@ -1280,6 +1291,8 @@ pub fn kernel_summary<'a>(models: impl IntoIterator<Item = &'a TypedModel>) -> S
         if let Some(op) = opt_matmul(node) {
             let names: Vec<String> = op.mmm.iter().map(|m| m.name().to_string()).collect();
             *kernels.entry(names.join("|")).or_default() += 1;
+        } else if node.op_is::<gemm::WeightMatMul>() {
+            *kernels.entry("faer_f32".into()).or_default() += 1;
         }
     }
     if kernels.is_empty() {

@@ -1,0 +1,546 @@
+//! The fp32 weight matmuls on faer's kernels.
+//!
+//! tract-linalg's f32 kernels walk the whole of `k` for every tile of the
+//! output, with no blocking for the caches: on the Zen 4 of docs/perf.md's
+//! nineteenth round its 16x12 kernel ran GigaAM's weight matmuls at 36–38 G
+//! multiply-accumulates a second on one core, where faer (a BLIS-style
+//! blocked GEMM that packs both operands per cache block and picks AVX-512 or
+//! AVX2 at run time) runs the same shapes at 49–55 G, and 93–108 G on two.
+//! Those matmuls are 85 % of the fp32 encoder.
+//!
+//! [`replace_weight_matmuls`] takes each optimised fp32 matmul of constant
+//! weights by one activation matrix, unpacks the weights once from tract's
+//! panels into a plain `k x m` matrix, and runs it as a [`WeightMatMul`]:
+//! faer's product, then what tract fused after it (a bias per output
+//! feature, a scale, a clamp) in one pass. The bias is written
+//! into the output before the product adds to it, as tract adds it after the
+//! sum. It changes bits (faer sums `k` in its own blocks), so it runs only
+//! with [`super::Exactness::Close`]; the tests hold the fp32 encoder output
+//! within [`super::tests`]' `CLOSE` of tract's, and the golden token ids.
+
+use tract_linalg::BinOp;
+use tract_linalg::mmm::{EagerPackedInput, MMMInputValue, OutputStoreSpec};
+use tract_linalg::multithread::{Executor, current_tract_executor};
+use tract_linalg::pack::PackedFormat;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, OptMatMul, ProtoFusedSpec};
+
+/// Replaces each fp32 matmul of constant weights by one unbatched activation
+/// matrix in an optimised graph with a [`WeightMatMul`], when every op tract
+/// fused into it is one [`Fused`] knows (a residual added in the matmul's
+/// store, which tract fuses in none of GigaAM's, keeps tract's). Returns how many were replaced.
+pub fn replace_weight_matmuls(model: &mut TypedModel) -> TractResult<usize> {
+    let mut done = 0;
+    for id in super::node_ids(model, |n| n.op_is::<OptMatMul>()) {
+        let Some((op, inputs)) = weight_matmul(model, id)? else {
+            continue;
+        };
+        if super::replace_node(model, id, op, &inputs)? {
+            done += 1;
+        }
+    }
+    Ok(done)
+}
+
+/// The [`WeightMatMul`] for node `id` and its inputs (the node's, with the
+/// packed activations replaced by the matrix they were packed from), when it
+/// is an fp32 matmul this module runs.
+fn weight_matmul(
+    model: &TypedModel,
+    id: usize,
+) -> TractResult<Option<(WeightMatMul, TVec<OutletId>)>> {
+    let node = model.node(id);
+    let Some(op) = node.op_as::<OptMatMul>() else {
+        return Ok(None);
+    };
+    let f32_dt = f32::datum_type();
+    if op.c_fact.datum_type != f32_dt || op.mmm.iter().any(|m| m.internal_type() != f32_dt) {
+        return Ok(None);
+    }
+    let (Some(m_axis), Some(n_axis)) = (op.c_m_axis, op.c_n_axis) else {
+        return Ok(None);
+    };
+    let c_shape = &op.c_fact.shape;
+    let lone = |ax: usize| ax == m_axis || ax == n_axis || c_shape[ax].is_one();
+    if m_axis == n_axis || !(0..c_shape.rank()).all(lone) {
+        return Ok(None);
+    }
+    let mut product = None;
+    let mut fused = Vec::new();
+    let mut stored = false;
+    for uop in &op.micro_ops {
+        if stored {
+            return Ok(None);
+        }
+        match uop {
+            ProtoFusedSpec::AddMatMul {
+                a: MatMulOperand::Const(weights),
+                b: MatMulOperand::Input(slot),
+                ..
+            } if product.is_none() => product = Some((weights, *slot)),
+            ProtoFusedSpec::BinScalar(slot, bin) if product.is_some() => {
+                fused.push(Fused::Scalar(*slot, *bin))
+            }
+            ProtoFusedSpec::BinPerRow(slot, bin, _) if product.is_some() => {
+                fused.push(Fused::PerFeature(*slot, *bin))
+            }
+            ProtoFusedSpec::Store(specs) if product.is_some() => {
+                if !specs.iter().all(|s| same_layout(s, m_axis, n_axis)) {
+                    return Ok(None);
+                }
+                stored = true;
+            }
+            _ => return Ok(None),
+        }
+    }
+    let (Some((weights, x_slot)), true) = (product, stored) else {
+        return Ok(None);
+    };
+    let Some(weights) = weights.downcast_ref::<EagerPackedInput>() else {
+        return Ok(None);
+    };
+    let (m, k) = (weights.mn(), weights.k());
+    if c_shape[m_axis].to_usize().ok() != Some(m) {
+        return Ok(None);
+    }
+    // The activations: tract's packing of a plain f32 matrix, read from its input.
+    let Some(&packed) = node.inputs.get(x_slot) else {
+        return Ok(None);
+    };
+    let pack_node = model.node(packed.node);
+    if !matches!(&*pack_node.op.name(), "OptMatMulPack" | "PackFor")
+        || !model.outlet_fact(packed)?.shape.iter().all(|d| d.is_one())
+    {
+        return Ok(None);
+    }
+    let Some((k_axis, x_n_axis)) = super::pack_axes(model, pack_node)? else {
+        return Ok(None);
+    };
+    let x = pack_node.inputs[0];
+    let x_fact = model.outlet_fact(x)?;
+    let x_lone = |ax: usize| ax == k_axis || ax == x_n_axis || x_fact.shape[ax].is_one();
+    if x_fact.datum_type != f32_dt
+        || k_axis == x_n_axis
+        || x_fact.shape[k_axis].to_usize().ok() != Some(k)
+        || x_fact.shape[x_n_axis] != c_shape[n_axis]
+        || !(0..x_fact.rank()).all(x_lone)
+    {
+        return Ok(None);
+    }
+    // What the fused ops read must be what they will be given.
+    for f in &fused {
+        let (slot, len) = match f {
+            Fused::Scalar(slot, _) => (*slot, TDim::from(1)),
+            Fused::PerFeature(slot, _) => (*slot, TDim::from(m)),
+        };
+        let Some(&input) = node.inputs.get(slot) else {
+            return Ok(None);
+        };
+        let fact = model.outlet_fact(input)?;
+        if slot == x_slot || fact.datum_type != f32_dt || fact.shape.volume() != len {
+            return Ok(None);
+        }
+    }
+    let Some(weights) = plain_weights(weights)? else {
+        return Ok(None);
+    };
+    let mut inputs: TVec<OutletId> = node.inputs.iter().copied().collect();
+    inputs[x_slot] = x;
+    let op = WeightMatMul {
+        weights: Arc::new(weights),
+        k,
+        m,
+        x_slot,
+        k_axis,
+        x_n_axis,
+        c_fact: f32_dt.fact(c_shape.clone()),
+        m_axis,
+        n_axis,
+        fused,
+    };
+    Ok(Some((op, inputs)))
+}
+
+/// Whether a store spec writes a matrix laid out as the output is.
+fn same_layout(spec: &OutputStoreSpec, m_axis: usize, n_axis: usize) -> bool {
+    matches!(spec, OutputStoreSpec::View { m_axis: Some(m), n_axis: Some(n), .. } if *m == m_axis && *n == n_axis)
+}
+
+/// tract's f32 weight panels unpacked into the plain `k x m` matrix (row `k`
+/// holds the weights of every output feature for input feature `k`), or
+/// `None` for another packing than plain f32 panels.
+///
+/// A panel of `r` features holds, for each `k` in turn, its `r` weights:
+/// each such record is a run of one row of the plain matrix.
+fn plain_weights(weights: &EagerPackedInput) -> TractResult<Option<Tensor>> {
+    let Some(format) = weights.format().downcast_ref::<PackedFormat>() else {
+        return Ok(None);
+    };
+    if format.dt != f32::datum_type() || format.r == 0 {
+        return Ok(None);
+    }
+    let (m, k, r) = (weights.mn(), weights.k(), format.r);
+    let size = f32::datum_type().size_of();
+    let panel = format.single_panel_len(k) * size;
+    let source: &[u8] = &weights.packed;
+    ensure!(source.len() >= m.div_ceil(r) * panel, "short f32 panels");
+    let mut plain = Tensor::zero::<f32>(&[k, m])?;
+    {
+        let mut view = plain.try_as_plain_ram_mut()?;
+        let rows = view.as_slice_mut::<f32>()?;
+        for (kk, row) in rows.chunks_exact_mut(m).enumerate() {
+            for (p, out) in row.chunks_mut(r).enumerate() {
+                let at = p * panel + kk * r * size;
+                let bytes = &source[at..at + out.len() * size];
+                for (w, b) in out.iter_mut().zip(bytes.chunks_exact(size)) {
+                    *w = f32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+        }
+    }
+    Ok(Some(plain))
+}
+
+/// An op tract fused after the product, applied to it in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fused {
+    /// `c = c op s`, `s` the one value of input `slot`.
+    Scalar(usize, BinOp),
+    /// `c = c op v[feature]`, `v` input `slot`, one value per output feature.
+    PerFeature(usize, BinOp),
+}
+
+/// `a op b` as tract's kernels apply a fused op (`SubF` subtracts `a`).
+#[inline(always)]
+fn apply(bin: BinOp, a: f32, b: f32) -> f32 {
+    match bin {
+        BinOp::Min => {
+            if a < b {
+                a
+            } else {
+                b
+            }
+        }
+        BinOp::Max => {
+            if a > b {
+                a
+            } else {
+                b
+            }
+        }
+        BinOp::Add => a + b,
+        BinOp::Mul => a * b,
+        BinOp::Sub => a - b,
+        BinOp::SubF => b - a,
+    }
+}
+
+/// An fp32 matmul of constant weights by an activation matrix, on faer, with
+/// the ops tract had fused after it. The output has the optimised matmul's
+/// shape and layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightMatMul {
+    /// The plain `k x m` weights.
+    weights: Arc<Tensor>,
+    k: usize,
+    m: usize,
+    /// Which input holds the activations, and their `k` and `n` axes.
+    x_slot: usize,
+    k_axis: usize,
+    x_n_axis: usize,
+    /// The output: its fact and the axes of the output features and of `n`.
+    c_fact: TypedFact,
+    m_axis: usize,
+    n_axis: usize,
+    fused: Vec<Fused>,
+}
+
+impl Op for WeightMatMul {
+    fn name(&self) -> StaticName {
+        "WeightMatMul".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "faer f32, m {} k {}, then {:?}",
+            self.m, self.k, self.fused
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+/// An f32 input's values.
+fn f32s(value: &TValue) -> TractResult<Vec<f32>> {
+    let view = value.try_as_plain_ram()?;
+    Ok(view.as_slice::<f32>()?.to_vec())
+}
+
+impl EvalOp for WeightMatMul {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = inputs.get(self.x_slot).context("no activations")?;
+        let (k, m) = (self.k, self.m);
+        ensure!(
+            x.datum_type() == f32::datum_type() && x.shape()[self.k_axis] == k,
+            "WeightMatMul: activations {:?}, k {k}",
+            x.shape()
+        );
+        let n = x.shape()[self.x_n_axis];
+        let mut shape: TVec<usize> = tvec![1; self.c_fact.rank()];
+        shape[self.m_axis] = m;
+        shape[self.n_axis] = n;
+        let mut out = Tensor::zero::<f32>(&shape)?;
+        let mut fused = self.fused.as_slice();
+        let mut accumulate = faer::Accum::Replace;
+        let features_inner = self.m_axis > self.n_axis;
+        {
+            let mut view = out.try_as_plain_ram_mut()?;
+            let c = view.as_slice_mut::<f32>()?;
+            // The bias first, where tract adds it first: the product adds to it.
+            if let Some((Fused::PerFeature(slot, BinOp::Add), rest)) = fused.split_first() {
+                let bias = f32s(&inputs[*slot])?;
+                ensure!(
+                    bias.len() == m,
+                    "WeightMatMul: {} biases for {m}",
+                    bias.len()
+                );
+                per_feature(c, &bias, n, features_inner, |_, b| b);
+                accumulate = faer::Accum::Add;
+                fused = rest;
+            }
+            let xs = x.try_as_plain_ram()?;
+            let xs = xs.as_slice::<f32>()?;
+            let lhs = if self.k_axis > self.x_n_axis {
+                faer::MatRef::from_row_major_slice(xs, n, k)
+            } else {
+                faer::MatRef::from_column_major_slice(xs, n, k)
+            };
+            let ws = self.weights.try_as_plain_ram()?;
+            let rhs = faer::MatRef::from_row_major_slice(ws.as_slice::<f32>()?, k, m);
+            let dst = if features_inner {
+                faer::MatMut::from_row_major_slice_mut(c, n, m)
+            } else {
+                faer::MatMut::from_column_major_slice_mut(c, n, m)
+            };
+            let product = |par| faer::linalg::matmul::matmul(dst, accumulate, lhs, rhs, 1f32, par);
+            match current_tract_executor() {
+                Executor::MultiThread(pool) => {
+                    let threads = pool.current_num_threads();
+                    pool.install(move || product(faer::Par::rayon(threads)))
+                }
+                Executor::RayonGlobal => product(faer::Par::rayon(0)),
+                Executor::SingleThread => product(faer::Par::Seq),
+            }
+            for f in fused {
+                match *f {
+                    Fused::Scalar(slot, bin) => {
+                        let s = f32s(&inputs[slot])?;
+                        ensure!(s.len() == 1, "WeightMatMul: a scalar of {}", s.len());
+                        super::wide(Scale { c, s: s[0], bin });
+                    }
+                    Fused::PerFeature(slot, bin) => {
+                        let v = f32s(&inputs[slot])?;
+                        ensure!(v.len() == m, "WeightMatMul: {} values for {m}", v.len());
+                        per_feature(c, &v, n, features_inner, |a, b| apply(bin, a, b));
+                    }
+                }
+            }
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+/// `c = f(c, v[feature])` over an `n x m` output, features the inner axis or
+/// the outer one.
+fn per_feature(
+    c: &mut [f32],
+    v: &[f32],
+    n: usize,
+    features_inner: bool,
+    f: impl Fn(f32, f32) -> f32,
+) {
+    if features_inner {
+        for row in c.chunks_exact_mut(v.len()) {
+            for (a, &b) in row.iter_mut().zip(v) {
+                *a = f(*a, b);
+            }
+        }
+    } else {
+        for (column, &b) in c.chunks_exact_mut(n.max(1)).zip(v) {
+            for a in column {
+                *a = f(*a, b);
+            }
+        }
+    }
+}
+
+/// A fused scalar op over the whole output, as [`super::wide`] work.
+struct Scale<'a> {
+    c: &'a mut [f32],
+    s: f32,
+    bin: BinOp,
+}
+
+impl super::Wide for Scale<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let (s, bin) = (self.s, self.bin);
+        for a in self.c.iter_mut() {
+            *a = apply(bin, *a, s);
+        }
+    }
+}
+
+impl TypedOp for WeightMatMul {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let x = inputs.get(self.x_slot).context("no activations")?;
+        let mut shape = self.c_fact.shape.clone();
+        shape.set(self.n_axis, x.shape[self.x_n_axis].clone());
+        Ok(tvec!(f32::datum_type().fact(shape)))
+    }
+
+    as_op!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::speech::tune::tests::{run_f32_on, uniform};
+    use tract_onnx::tract_core::ops::binary::TypedBinOp;
+    use tract_onnx::tract_core::ops::einsum::EinSum;
+    use tract_onnx::tract_core::ops::math;
+
+    /// A layer as GigaAM's: `x` (`[1, T, k]`, `T` symbolic) by constant
+    /// weights (`expr` says the layout), a bias per feature, a scale, a ReLU
+    /// and a residual, optimised by tract, which fuses them all into its matmul.
+    fn layer(expr: &str, k: usize, m: usize, features_last: bool) -> TypedModel {
+        let mut model = TypedModel::default();
+        let t: TDim = model.symbols.sym("T").into();
+        let x = model
+            .add_source("x", f32::fact(tvec![1.to_dim(), t.clone(), k.to_dim()]))
+            .expect("x");
+        let mut rnd = uniform(7);
+        let weights: Vec<f32> = (0..k * m).map(|_| rnd() * 0.1).collect();
+        let w = model
+            .add_const("w", Tensor::from_shape(&[k, m], &weights).expect("w"))
+            .expect("w");
+        let y = model
+            .wire_node(
+                "mm",
+                EinSum::new(expr.parse().expect("expr"), f32::datum_type()),
+                &[x, w],
+            )
+            .expect("matmul")[0];
+        let bias: Vec<f32> = (0..m).map(|_| rnd()).collect();
+        let (bias_shape, out_shape): (TVec<usize>, TVec<TDim>) = if features_last {
+            (tvec![1, 1, m], tvec![1.to_dim(), t, m.to_dim()])
+        } else {
+            (tvec![1, m, 1], tvec![1.to_dim(), m.to_dim(), t])
+        };
+        let residual = model.add_source("r", f32::fact(out_shape)).expect("r");
+        let b = model
+            .add_const("b", Tensor::from_shape(&bias_shape, &bias).expect("b"))
+            .expect("b");
+        let half = model
+            .add_const("half", tensor3(&[[[0.5f32]]]))
+            .expect("half");
+        let zero = model.add_const("zero", tensor3(&[[[0f32]]])).expect("zero");
+        let mut wire = |name: &str, op: TypedBinOp, a: OutletId, b: OutletId| {
+            model.wire_node(name, op, &[a, b]).expect(name)[0]
+        };
+        let y = wire("bias", math::add(), y, b);
+        let y = wire("scale", math::mul(), y, half);
+        let y = wire("relu", math::max(), y, zero);
+        let y = wire("residual", math::add(), y, residual);
+        model.select_output_outlets(&[y]).expect("outputs");
+        model.into_optimized().expect("optimised")
+    }
+
+    /// The layer's output with the weight matmul on faer against tract's,
+    /// for both output layouts and a frame count off every block size, on
+    /// one and two threads: within a few units in the last place of the
+    /// scale, and the same bits on either pool.
+    #[test]
+    fn close_to_tract_s_matmul_with_its_fused_ops_on_any_pool() {
+        let (k, m) = (96usize, 40usize);
+        for (expr, features_last) in [("atk,kn->atn", true), ("atk,kn->ant", false)] {
+            let plain = layer(expr, k, m, features_last);
+            let mut replaced = plain.clone();
+            assert_eq!(
+                replace_weight_matmuls(&mut replaced).expect("replace"),
+                1,
+                "{plain}"
+            );
+            let replaced = replaced.into_compact().expect("compact");
+            let ours = replaced
+                .nodes
+                .iter()
+                .find_map(|n| n.op_as::<WeightMatMul>());
+            let ours = ours.expect("a WeightMatMul");
+            // What tract fused: bias (first, into the output), scale, ReLU
+            // (the residual stays an add of its own, as in GigaAM's graphs).
+            assert_eq!(ours.fused.len(), 3, "{:?}", ours.fused);
+            assert!(
+                !replaced.nodes.iter().any(|n| n.op_is::<OptMatMul>()),
+                "{replaced}"
+            );
+            let mut rnd = uniform(13);
+            let frames = 37;
+            let x: Vec<f32> = (0..frames * k).map(|_| rnd()).collect();
+            let r: Vec<f32> = (0..frames * m).map(|_| rnd()).collect();
+            let r_shape = if features_last {
+                [1, frames, m]
+            } else {
+                [1, m, frames]
+            };
+            let inputs = [
+                Tensor::from_shape(&[1, frames, k], &x).expect("x"),
+                Tensor::from_shape(&r_shape, &r).expect("r"),
+            ];
+            let expected = run_f32_on(&plain, &inputs, 1);
+            let scale = expected.iter().fold(0f32, |s, v| s.max(v.abs()));
+            assert!(expected.iter().filter(|&&v| v == 0.0).count() < expected.len());
+            let mut serial = None;
+            for threads in [1, 2] {
+                let got = run_f32_on(&replaced, &inputs, threads);
+                assert_eq!(got.len(), expected.len());
+                for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+                    assert!(
+                        (g - e).abs() <= 16.0 * f32::EPSILON * scale,
+                        "{expr}, {threads} threads, [{i}]: {g} against tract's {e}"
+                    );
+                }
+                let bits: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(*serial.get_or_insert_with(|| bits.clone()), bits, "{expr}");
+            }
+        }
+    }
+
+    #[test]
+    fn weights_unpack_from_any_panel_height() {
+        use tract_linalg::mmm::MMMInputFormat;
+        let (m, k) = (37usize, 11usize);
+        let plain: Vec<f32> = (0..m * k).map(|i| i as f32).collect();
+        // tract packs the weights as `m x k` (rows: output features).
+        let weights = Tensor::from_shape(&[m, k], &plain).expect("weights");
+        for r in [1usize, 16, 64] {
+            let format = PackedFormat::new(f32::datum_type(), r, 16);
+            let packed = format.prepare_one(&weights, 1, 0).expect("pack");
+            let packed = packed.downcast_ref::<EagerPackedInput>().expect("eager");
+            let unpacked = plain_weights(packed).expect("unpack").expect("f32 panels");
+            assert_eq!(unpacked.shape(), &[k, m]);
+            let view = unpacked.try_as_plain_ram().expect("plain");
+            let got = view.as_slice::<f32>().expect("f32");
+            for (kk, row) in got.chunks_exact(m).enumerate() {
+                for (j, &w) in row.iter().enumerate() {
+                    assert_eq!(w, plain[j * k + kk], "r {r}: k {kk}, feature {j}");
+                }
+            }
+        }
+    }
+}
