@@ -271,10 +271,17 @@ impl Op for WeightMatMul {
     op_as_typed_op!();
 }
 
-/// An f32 input's values.
-fn f32s(value: &TValue) -> TractResult<Vec<f32>> {
+/// `f` of the `len` f32 values of a fused op's input, borrowed in place (no
+/// copy per run); an error for any other length.
+fn with_operand<R>(value: &TValue, len: usize, f: impl FnOnce(&[f32]) -> R) -> TractResult<R> {
     let view = value.try_as_plain_ram()?;
-    Ok(view.as_slice::<f32>()?.to_vec())
+    let values = view.as_slice::<f32>()?;
+    ensure!(
+        values.len() == len,
+        "WeightMatMul: an operand of {} values for {len}",
+        values.len()
+    );
+    Ok(f(values))
 }
 
 impl EvalOp for WeightMatMul {
@@ -301,13 +308,9 @@ impl EvalOp for WeightMatMul {
             let c = view.as_slice_mut::<f32>()?;
             // The bias first, where tract adds it first: the product adds to it.
             if let Some((Fused::PerFeature(slot, BinOp::Add), rest)) = fused.split_first() {
-                let bias = f32s(&inputs[*slot])?;
-                ensure!(
-                    bias.len() == m,
-                    "WeightMatMul: {} biases for {m}",
-                    bias.len()
-                );
-                per_feature(c, &bias, n, features_inner, |_, b| b);
+                with_operand(&inputs[*slot], m, |bias| {
+                    per_feature(c, bias, n, features_inner, |_, b| b)
+                })?;
                 accumulate = faer::Accum::Add;
                 fused = rest;
             }
@@ -337,14 +340,13 @@ impl EvalOp for WeightMatMul {
             for f in fused {
                 match *f {
                     Fused::Scalar(slot, bin) => {
-                        let s = f32s(&inputs[slot])?;
-                        ensure!(s.len() == 1, "WeightMatMul: a scalar of {}", s.len());
-                        super::wide(Scale { c, s: s[0], bin });
+                        let s = with_operand(&inputs[slot], 1, |s| s[0])?;
+                        super::wide(Scale { c, s, bin });
                     }
                     Fused::PerFeature(slot, bin) => {
-                        let v = f32s(&inputs[slot])?;
-                        ensure!(v.len() == m, "WeightMatMul: {} values for {m}", v.len());
-                        per_feature(c, &v, n, features_inner, |a, b| apply(bin, a, b));
+                        with_operand(&inputs[slot], m, |v| {
+                            per_feature(c, v, n, features_inner, |a, b| apply(bin, a, b))
+                        })?;
                     }
                 }
             }
