@@ -61,6 +61,7 @@ pub mod dequant;
 pub mod gemm;
 pub mod norm;
 pub mod pack;
+pub mod products;
 pub mod softmax;
 
 use std::collections::BTreeMap;
@@ -91,6 +92,8 @@ pub struct Rewrites {
     pub quantizers: usize,
     /// fp32 weight matmuls run on faer's kernels ([`gemm`]).
     pub gemms: usize,
+    /// The attention's products of two activations run on faer ([`products`]).
+    pub products: usize,
     /// fp32 weight matmuls moved to the kernel tract prefers for long inputs.
     pub retargeted: usize,
     /// Loops of one-row matmuls kept on the calling thread.
@@ -127,6 +130,7 @@ impl Rewrites {
         self.amx_tails += other.amx_tails;
         self.quantizers += other.quantizers;
         self.gemms += other.gemms;
+        self.products += other.products;
         self.retargeted += other.retargeted;
         self.serialized += other.serialized;
         self.broadcasts += other.broadcasts;
@@ -176,6 +180,8 @@ pub fn rewrite_optimized(
     done.quantizers += replace_dynamic_quantize(model)?;
     if exactness == Exactness::Close {
         done.gemms += gemm::replace_weight_matmuls(model)?;
+        // Before the batched packings: what these read is the packings' input.
+        done.products += products::replace_batched_products(model)?;
     }
     let mut retarget = || retarget_weight_matmuls(model, KERNEL_N_HINT);
     done.retargeted += match executor {
@@ -1293,6 +1299,8 @@ pub fn kernel_summary<'a>(models: impl IntoIterator<Item = &'a TypedModel>) -> S
             *kernels.entry(names.join("|")).or_default() += 1;
         } else if node.op_is::<gemm::WeightMatMul>() {
             *kernels.entry("faer_f32".into()).or_default() += 1;
+        } else if node.op_is::<products::BatchedProduct>() {
+            *kernels.entry("faer_f32_batched".into()).or_default() += 1;
         }
     }
     if kernels.is_empty() {
