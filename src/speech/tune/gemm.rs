@@ -43,6 +43,18 @@ pub fn replace_weight_matmuls(model: &mut TypedModel) -> TractResult<usize> {
     Ok(done)
 }
 
+/// `node`'s optimised matmul and its output's `m` and `n` axes, when it is
+/// an f32 matmul on f32 kernels with both axes known and distinct.
+pub(super) fn f32_matmul(node: &TypedNode) -> Option<(&OptMatMul, usize, usize)> {
+    let op = node.op_as::<OptMatMul>()?;
+    let f32_dt = f32::datum_type();
+    if op.c_fact.datum_type != f32_dt || op.mmm.iter().any(|m| m.internal_type() != f32_dt) {
+        return None;
+    }
+    let (m_axis, n_axis) = (op.c_m_axis?, op.c_n_axis?);
+    (m_axis != n_axis).then_some((op, m_axis, n_axis))
+}
+
 /// The [`WeightMatMul`] for node `id` and its inputs (the node's, with the
 /// packed activations replaced by the matrix they were packed from), when it
 /// is an fp32 matmul this module runs.
@@ -51,19 +63,13 @@ fn weight_matmul(
     id: usize,
 ) -> TractResult<Option<(WeightMatMul, TVec<OutletId>)>> {
     let node = model.node(id);
-    let Some(op) = node.op_as::<OptMatMul>() else {
+    let Some((op, m_axis, n_axis)) = f32_matmul(node) else {
         return Ok(None);
     };
     let f32_dt = f32::datum_type();
-    if op.c_fact.datum_type != f32_dt || op.mmm.iter().any(|m| m.internal_type() != f32_dt) {
-        return Ok(None);
-    }
-    let (Some(m_axis), Some(n_axis)) = (op.c_m_axis, op.c_n_axis) else {
-        return Ok(None);
-    };
     let c_shape = &op.c_fact.shape;
     let lone = |ax: usize| ax == m_axis || ax == n_axis || c_shape[ax].is_one();
-    if m_axis == n_axis || !(0..c_shape.rank()).all(lone) {
+    if !(0..c_shape.rank()).all(lone) {
         return Ok(None);
     }
     let mut product = None;

@@ -122,18 +122,12 @@ fn batched_product(
     id: usize,
 ) -> TractResult<Option<(BatchedProduct, TVec<OutletId>)>> {
     let node = model.node(id);
-    let Some(op) = node.op_as::<OptMatMul>() else {
+    let Some((op, m_axis, n_axis)) = super::gemm::f32_matmul(node) else {
         return Ok(None);
     };
     let f32_dt = f32::datum_type();
-    if op.c_fact.datum_type != f32_dt || op.mmm.iter().any(|m| m.internal_type() != f32_dt) {
-        return Ok(None);
-    }
-    let (Some(m_axis), Some(n_axis)) = (op.c_m_axis, op.c_n_axis) else {
-        return Ok(None);
-    };
     let rank = op.c_fact.rank();
-    if m_axis == n_axis || m_axis.max(n_axis) + 1 != rank {
+    if m_axis.max(n_axis) + 1 != rank {
         return Ok(None);
     }
     let [
