@@ -31,9 +31,18 @@ use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, OptMatMul, P
 /// fused into it is one [`Fused`] knows (a residual added in the matmul's
 /// store, which tract fuses in none of GigaAM's, keeps tract's). Returns how many were replaced.
 pub fn replace_weight_matmuls(model: &mut TypedModel) -> TractResult<usize> {
+    replace_matmuls(model, weight_matmul)
+}
+
+/// Replaces each optimised matmul for which `build` gives an op and its
+/// inputs with that op. Returns how many were replaced.
+pub(super) fn replace_matmuls<O: TypedOp>(
+    model: &mut TypedModel,
+    build: impl Fn(&TypedModel, usize) -> TractResult<Option<(O, TVec<OutletId>)>>,
+) -> TractResult<usize> {
     let mut done = 0;
     for id in super::node_ids(model, |n| n.op_is::<OptMatMul>()) {
-        let Some((op, inputs)) = weight_matmul(model, id)? else {
+        let Some((op, inputs)) = build(model, id)? else {
             continue;
         };
         if super::replace_node(model, id, op, &inputs)? {
@@ -418,7 +427,7 @@ impl TypedOp for WeightMatMul {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::speech::tune::tests::{run_f32_on, uniform};
+    use crate::speech::tune::tests::{assert_close_on_any_pool, uniform};
     use tract_onnx::tract_core::ops::binary::TypedBinOp;
     use tract_onnx::tract_core::ops::einsum::EinSum;
     use tract_onnx::tract_core::ops::math;
@@ -510,22 +519,7 @@ mod tests {
                 Tensor::from_shape(&[1, frames, k], &x).expect("x"),
                 Tensor::from_shape(&r_shape, &r).expect("r"),
             ];
-            let expected = run_f32_on(&plain, &inputs, 1);
-            let scale = expected.iter().fold(0f32, |s, v| s.max(v.abs()));
-            assert!(expected.iter().filter(|&&v| v == 0.0).count() < expected.len());
-            let mut serial = None;
-            for threads in [1, 2] {
-                let got = run_f32_on(&replaced, &inputs, threads);
-                assert_eq!(got.len(), expected.len());
-                for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
-                    assert!(
-                        (g - e).abs() <= 16.0 * f32::EPSILON * scale,
-                        "{expr}, {threads} threads, [{i}]: {g} against tract's {e}"
-                    );
-                }
-                let bits: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
-                assert_eq!(*serial.get_or_insert_with(|| bits.clone()), bits, "{expr}");
-            }
+            assert_close_on_any_pool(&plain, &replaced, &inputs, 16.0, expr);
         }
     }
 

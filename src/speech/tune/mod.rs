@@ -1348,6 +1348,34 @@ mod tests {
         view.as_slice::<f32>().expect("f32").to_vec()
     }
 
+    /// `replaced` (a rewrite that changes bits) against `plain` (tract's) on
+    /// `inputs`: within `ulps` units in the last place of the output's
+    /// scale, and the same bits on one and two threads.
+    pub(super) fn assert_close_on_any_pool(
+        plain: &TypedModel,
+        replaced: &TypedModel,
+        inputs: &[Tensor],
+        ulps: f32,
+        what: &str,
+    ) {
+        let expected = run_f32_on(plain, inputs, 1);
+        let scale = expected.iter().fold(0f32, |s, v| s.max(v.abs()));
+        assert!(scale > 0.0, "{what}: tract's output is all zeros");
+        let mut serial = None;
+        for threads in [1, 2] {
+            let got = run_f32_on(replaced, inputs, threads);
+            assert_eq!(got.len(), expected.len(), "{what}");
+            for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+                assert!(
+                    (g - e).abs() <= ulps * f32::EPSILON * scale,
+                    "{what}, {threads} threads, [{i}]: {g} against tract's {e}"
+                );
+            }
+            let bits: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(*serial.get_or_insert_with(|| bits.clone()), bits, "{what}");
+        }
+    }
+
     /// Repeatable floats in [-1, 1) (a 64-bit LCG).
     pub(super) fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
         move || {

@@ -21,23 +21,14 @@
 use tract_onnx::prelude::tract_ndarray::Dimension;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, OptMatMul, ProtoFusedSpec};
+use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, ProtoFusedSpec};
 
 /// Replaces each f32 matmul of two packed activation tensors in an optimised
 /// graph with a [`BatchedProduct`], when tract fused nothing into it but the
 /// store and each operand and the output have one of their two matrix axes
 /// innermost. Returns how many were replaced.
 pub fn replace_batched_products(model: &mut TypedModel) -> TractResult<usize> {
-    let mut done = 0;
-    for id in super::node_ids(model, |n| n.op_is::<OptMatMul>()) {
-        let Some((op, inputs)) = batched_product(model, id)? else {
-            continue;
-        };
-        if super::replace_node(model, id, op, &inputs)? {
-            done += 1;
-        }
-    }
-    Ok(done)
+    super::gemm::replace_matmuls(model, batched_product)
 }
 
 /// One operand of a product: the input tensor tract packed, its matrix axes
@@ -366,8 +357,9 @@ impl TypedOp for BatchedProduct {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::speech::tune::tests::{run_f32_on, uniform};
+    use crate::speech::tune::tests::{assert_close_on_any_pool, uniform};
     use tract_onnx::tract_core::ops::einsum::EinSum;
+    use tract_onnx::tract_core::ops::matmul::optimized::OptMatMul;
 
     /// Two chained products over `heads` heads of width `d` and `T` frames
     /// (symbolic, as gigastt loads), optimised by tract: `first` of inputs
@@ -441,25 +433,8 @@ mod tests {
                         Tensor::from_shape(&dims, &data).expect("input")
                     })
                     .collect();
-                let expected = run_f32_on(&plain, &inputs, 1);
-                let scale = expected.iter().fold(0f32, |s, v| s.max(v.abs()));
-                let mut serial = None;
-                for threads in [1, 2] {
-                    let got = run_f32_on(&replaced, &inputs, threads);
-                    assert_eq!(got.len(), expected.len());
-                    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
-                        assert!(
-                            (g - e).abs() <= 64.0 * f32::EPSILON * scale,
-                            "{second}, {frames} frames, {threads} threads, [{i}]: {g} against tract's {e}"
-                        );
-                    }
-                    let bits: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
-                    assert_eq!(
-                        *serial.get_or_insert_with(|| bits.clone()),
-                        bits,
-                        "{second}"
-                    );
-                }
+                let what = format!("{second}, {frames} frames");
+                assert_close_on_any_pool(&plain, &replaced, &inputs, 64.0, &what);
             }
         }
     }
