@@ -21,6 +21,9 @@
 //!   (a libm call per element for the rounding); this one vectorises.
 //! - [`gemm::replace_weight_matmuls`]: tract-linalg's f32 kernels run the fp32
 //!   weight matmuls without cache blocking, at two thirds of faer's rate.
+//! - [`products::replace_batched_products`]: the attention's products of two
+//!   activations (16 heads, `k` 48) pack every head for a kernel whose tiles are
+//!   mostly overhead at that `k`; faer reads the heads in place.
 //! - [`retarget_weight_matmuls`]: with a symbolic time axis tract gives the fp32
 //!   weight matmuls a kernel that is slow and does not scale across threads
 //!   (those [`gemm`] leaves, and every one in the bit tests).
