@@ -19,49 +19,19 @@
 //! within [`super::tests`]' `CLOSE` of tract's, and the golden token ids.
 
 use tract_linalg::BinOp;
-use tract_linalg::mmm::{EagerPackedInput, MMMInputValue, OutputStoreSpec};
+use tract_linalg::mmm::{EagerPackedInput, MMMInputValue};
 use tract_linalg::multithread::{Executor, current_tract_executor};
 use tract_linalg::pack::PackedFormat;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, OptMatMul, ProtoFusedSpec};
+use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, ProtoFusedSpec};
 
 /// Replaces each fp32 matmul of constant weights by one unbatched activation
 /// matrix in an optimised graph with a [`WeightMatMul`], when every op tract
 /// fused into it is one [`Fused`] knows (a residual added in the matmul's
 /// store, which tract fuses in none of GigaAM's, keeps tract's). Returns how many were replaced.
 pub fn replace_weight_matmuls(model: &mut TypedModel) -> TractResult<usize> {
-    replace_matmuls(model, weight_matmul)
-}
-
-/// Replaces each optimised matmul for which `build` gives an op and its
-/// inputs with that op. Returns how many were replaced.
-pub(super) fn replace_matmuls<O: TypedOp>(
-    model: &mut TypedModel,
-    build: impl Fn(&TypedModel, usize) -> TractResult<Option<(O, TVec<OutletId>)>>,
-) -> TractResult<usize> {
-    let mut done = 0;
-    for id in super::node_ids(model, |n| n.op_is::<OptMatMul>()) {
-        let Some((op, inputs)) = build(model, id)? else {
-            continue;
-        };
-        if super::replace_node(model, id, op, &inputs)? {
-            done += 1;
-        }
-    }
-    Ok(done)
-}
-
-/// `node`'s optimised matmul and its output's `m` and `n` axes, when it is
-/// an f32 matmul on f32 kernels with both axes known and distinct.
-pub(super) fn f32_matmul(node: &TypedNode) -> Option<(&OptMatMul, usize, usize)> {
-    let op = node.op_as::<OptMatMul>()?;
-    let f32_dt = f32::datum_type();
-    if op.c_fact.datum_type != f32_dt || op.mmm.iter().any(|m| m.internal_type() != f32_dt) {
-        return None;
-    }
-    let (m_axis, n_axis) = (op.c_m_axis?, op.c_n_axis?);
-    (m_axis != n_axis).then_some((op, m_axis, n_axis))
+    super::replace_matmuls(model, weight_matmul)
 }
 
 /// The [`WeightMatMul`] for node `id` and its inputs (the node's, with the
@@ -72,7 +42,7 @@ fn weight_matmul(
     id: usize,
 ) -> TractResult<Option<(WeightMatMul, TVec<OutletId>)>> {
     let node = model.node(id);
-    let Some((op, m_axis, n_axis)) = f32_matmul(node) else {
+    let Some((op, m_axis, n_axis)) = super::f32_matmul(node) else {
         return Ok(None);
     };
     let f32_dt = f32::datum_type();
@@ -101,7 +71,7 @@ fn weight_matmul(
                 fused.push(Fused::PerFeature(*slot, *bin))
             }
             ProtoFusedSpec::Store(specs) if product.is_some() => {
-                if !specs.iter().all(|s| same_layout(s, m_axis, n_axis)) {
+                if !specs.iter().all(|s| super::same_layout(s, m_axis, n_axis)) {
                     return Ok(None);
                 }
                 stored = true;
@@ -175,11 +145,6 @@ fn weight_matmul(
         fused,
     };
     Ok(Some((op, inputs)))
-}
-
-/// Whether a store spec writes a matrix laid out as the output is.
-fn same_layout(spec: &OutputStoreSpec, m_axis: usize, n_axis: usize) -> bool {
-    matches!(spec, OutputStoreSpec::View { m_axis: Some(m), n_axis: Some(n), .. } if *m == m_axis && *n == n_axis)
 }
 
 /// tract's f32 weight panels unpacked into the plain `k x m` matrix (row `k`
@@ -431,6 +396,7 @@ mod tests {
     use tract_onnx::tract_core::ops::binary::TypedBinOp;
     use tract_onnx::tract_core::ops::einsum::EinSum;
     use tract_onnx::tract_core::ops::math;
+    use tract_onnx::tract_core::ops::matmul::optimized::OptMatMul;
 
     /// A layer as GigaAM's: `x` (`[1, T, k]`, `T` symbolic) by constant
     /// weights (`expr` says the layout), a bias per feature, a scale, a ReLU

@@ -384,6 +384,42 @@ fn replace_node(
     Ok(true)
 }
 
+/// Replaces each optimised matmul for which `build` gives an op and its
+/// inputs with that op. Returns how many were replaced.
+fn replace_matmuls<O: TypedOp>(
+    model: &mut TypedModel,
+    build: impl Fn(&TypedModel, usize) -> TractResult<Option<(O, TVec<OutletId>)>>,
+) -> TractResult<usize> {
+    let mut done = 0;
+    for id in node_ids(model, |n| n.op_is::<OptMatMul>()) {
+        let Some((op, inputs)) = build(model, id)? else {
+            continue;
+        };
+        if replace_node(model, id, op, &inputs)? {
+            done += 1;
+        }
+    }
+    Ok(done)
+}
+
+/// `node`'s optimised matmul and its output's `m` and `n` axes, when it is
+/// an f32 matmul on f32 kernels with both axes known and distinct.
+fn f32_matmul(node: &TypedNode) -> Option<(&OptMatMul, usize, usize)> {
+    let op = node.op_as::<OptMatMul>()?;
+    let f32_dt = f32::datum_type();
+    if op.c_fact.datum_type != f32_dt || op.mmm.iter().any(|m| m.internal_type() != f32_dt) {
+        return None;
+    }
+    let (m_axis, n_axis) = (op.c_m_axis?, op.c_n_axis?);
+    (m_axis != n_axis).then_some((op, m_axis, n_axis))
+}
+
+/// Whether a store spec of an optimised matmul writes a matrix laid out as
+/// its output is (`m` and `n` on the output's own axes).
+fn same_layout(spec: &tract_linalg::mmm::OutputStoreSpec, m_axis: usize, n_axis: usize) -> bool {
+    matches!(spec, tract_linalg::mmm::OutputStoreSpec::View { m_axis: Some(m), n_axis: Some(n), .. } if *m == m_axis && *n == n_axis)
+}
+
 /// The one node that reads `outlet`, when exactly one does and the outlet is
 /// not a graph output: what a rewrite may fold into the op that writes it.
 fn sole_reader(model: &TypedModel, outlet: OutletId) -> TractResult<Option<&TypedNode>> {

@@ -28,7 +28,7 @@ use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, ProtoFusedSp
 /// store and each operand and the output have one of their two matrix axes
 /// innermost. Returns how many were replaced.
 pub fn replace_batched_products(model: &mut TypedModel) -> TractResult<usize> {
-    super::gemm::replace_matmuls(model, batched_product)
+    super::replace_matmuls(model, batched_product)
 }
 
 /// One operand of a product: the input tensor tract packed, its matrix axes
@@ -88,11 +88,11 @@ impl Operand {
 
     /// Where the matrix for the output's batch coordinates `coords` starts,
     /// in a tensor of `shape` and `strides` (an axis of one is broadcast).
-    fn offset(&self, coords: &[usize], shape: &[usize], strides: &[usize]) -> usize {
+    fn offset(&self, coords: &[usize], shape: &[usize], strides: &[isize]) -> usize {
         self.batch
             .iter()
             .filter(|&&(_, axis)| shape[axis] != 1)
-            .map(|&(out_axis, axis)| coords[out_axis] * strides[axis])
+            .map(|&(out_axis, axis)| coords[out_axis] * strides[axis] as usize)
             .sum()
     }
 
@@ -113,7 +113,7 @@ fn batched_product(
     id: usize,
 ) -> TractResult<Option<(BatchedProduct, TVec<OutletId>)>> {
     let node = model.node(id);
-    let Some((op, m_axis, n_axis)) = super::gemm::f32_matmul(node) else {
+    let Some((op, m_axis, n_axis)) = super::f32_matmul(node) else {
         return Ok(None);
     };
     let f32_dt = f32::datum_type();
@@ -133,9 +133,7 @@ fn batched_product(
     else {
         return Ok(None);
     };
-    let stores_plainly = specs.iter().all(|s| {
-        matches!(s, tract_linalg::mmm::OutputStoreSpec::View { m_axis: Some(m), n_axis: Some(n), .. } if *m == m_axis && *n == n_axis)
-    });
+    let stores_plainly = specs.iter().all(|s| super::same_layout(s, m_axis, n_axis));
     let (Some(&a), Some(&b)) = (node.inputs.get(*a_slot), node.inputs.get(*b_slot)) else {
         return Ok(None);
     };
@@ -198,27 +196,28 @@ impl Op for BatchedProduct {
     op_as_typed_op!();
 }
 
-/// Row-major strides of a plain tensor of `shape`.
-fn strides(shape: &[usize]) -> TVec<usize> {
-    let mut strides: TVec<usize> = tvec![1; shape.len()];
-    for axis in (0..shape.len().saturating_sub(1)).rev() {
-        strides[axis] = strides[axis + 1] * shape[axis + 1];
-    }
-    strides
-}
-
 /// An operand matrix as faer reads it, `rows x cols` from `rows_axis` and
 /// `cols_axis` of a plain tensor, one of them innermost.
 fn matrix<'a>(
     data: &'a [f32],
-    strides: &[usize],
+    strides: &[isize],
     (rows_axis, rows): (usize, usize),
     (cols_axis, cols): (usize, usize),
 ) -> faer::MatRef<'a, f32> {
     if rows_axis > cols_axis {
-        faer::MatRef::from_column_major_slice_with_stride(data, rows, cols, strides[cols_axis])
+        faer::MatRef::from_column_major_slice_with_stride(
+            data,
+            rows,
+            cols,
+            strides[cols_axis] as usize,
+        )
     } else {
-        faer::MatRef::from_row_major_slice_with_stride(data, rows, cols, strides[rows_axis])
+        faer::MatRef::from_row_major_slice_with_stride(
+            data,
+            rows,
+            cols,
+            strides[rows_axis] as usize,
+        )
     }
 }
 
@@ -264,8 +263,8 @@ impl EvalOp for BatchedProduct {
         if size == 0 {
             return Ok(tvec!(out.into_tvalue()));
         }
-        let (a_strides, b_strides, c_strides) =
-            (strides(a_shape), strides(b_shape), strides(&shape));
+        let (a_strides, b_strides) = (a.strides(), b.strides());
+        let c_strides: TVec<isize> = out.strides().into();
         let batches: Vec<TVec<usize>> = {
             let mut batch_shape: TVec<usize> = shape.clone();
             batch_shape[self.m_axis] = 1;
@@ -282,14 +281,14 @@ impl EvalOp for BatchedProduct {
         let n_inner = self.n_axis > self.m_axis;
         let product = |coords: &[usize], dst: &mut [f32]| {
             let lhs = matrix(
-                &av[self.lhs.offset(coords, a_shape, &a_strides)..],
-                &a_strides,
+                &av[self.lhs.offset(coords, a_shape, a_strides)..],
+                a_strides,
                 (self.lhs.mn_axis, m),
                 (self.lhs.k_axis, k),
             );
             let rhs = matrix(
-                &bv[self.rhs.offset(coords, b_shape, &b_strides)..],
-                &b_strides,
+                &bv[self.rhs.offset(coords, b_shape, b_strides)..],
+                b_strides,
                 (self.rhs.k_axis, k),
                 (self.rhs.mn_axis, n),
             );
@@ -329,10 +328,10 @@ impl EvalOp for BatchedProduct {
                 for (coords, matrix) in batches.iter().zip(scratch.chunks_exact(size)) {
                     let start: usize = batch_axes
                         .iter()
-                        .map(|&ax| coords[ax] * c_strides[ax])
+                        .map(|&ax| coords[ax] * c_strides[ax] as usize)
                         .sum();
                     for (i, run) in matrix.chunks_exact(inner).enumerate() {
-                        let at = start + i * c_strides[outer_axis];
+                        let at = start + i * c_strides[outer_axis] as usize;
                         c[at..at + inner].copy_from_slice(run);
                     }
                 }
@@ -437,12 +436,5 @@ mod tests {
                 assert_close_on_any_pool(&plain, &replaced, &inputs, 64.0, &what);
             }
         }
-    }
-
-    #[test]
-    fn strides_are_row_major() {
-        assert_eq!(&*strides(&[5, 16, 48]), &[768, 48, 1]);
-        assert_eq!(&*strides(&[7]), &[1]);
-        assert!(strides(&[]).is_empty());
     }
 }
