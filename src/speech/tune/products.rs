@@ -88,11 +88,11 @@ impl Operand {
 
     /// Where the matrix for the output's batch coordinates `coords` starts,
     /// in a tensor of `shape` and `strides` (an axis of one is broadcast).
-    fn offset(&self, coords: &[usize], shape: &[usize], strides: &[isize]) -> usize {
+    fn offset(&self, coords: &[usize], shape: &[usize], strides: &[usize]) -> usize {
         self.batch
             .iter()
             .filter(|&&(_, axis)| shape[axis] != 1)
-            .map(|&(out_axis, axis)| coords[out_axis] * strides[axis] as usize)
+            .map(|&(out_axis, axis)| coords[out_axis] * strides[axis])
             .sum()
     }
 
@@ -196,28 +196,27 @@ impl Op for BatchedProduct {
     op_as_typed_op!();
 }
 
+/// A tensor's strides in elements, once, as offsets (a plain tensor's are
+/// never negative; an error if one were).
+fn strides(t: &Tensor) -> TractResult<TVec<usize>> {
+    t.strides()
+        .iter()
+        .map(|&s| usize::try_from(s).map_err(|_| format_err!("negative strides {:?}", t.strides())))
+        .collect()
+}
+
 /// An operand matrix as faer reads it, `rows x cols` from `rows_axis` and
 /// `cols_axis` of a plain tensor, one of them innermost.
 fn matrix<'a>(
     data: &'a [f32],
-    strides: &[isize],
+    strides: &[usize],
     (rows_axis, rows): (usize, usize),
     (cols_axis, cols): (usize, usize),
 ) -> faer::MatRef<'a, f32> {
     if rows_axis > cols_axis {
-        faer::MatRef::from_column_major_slice_with_stride(
-            data,
-            rows,
-            cols,
-            strides[cols_axis] as usize,
-        )
+        faer::MatRef::from_column_major_slice_with_stride(data, rows, cols, strides[cols_axis])
     } else {
-        faer::MatRef::from_row_major_slice_with_stride(
-            data,
-            rows,
-            cols,
-            strides[rows_axis] as usize,
-        )
+        faer::MatRef::from_row_major_slice_with_stride(data, rows, cols, strides[rows_axis])
     }
 }
 
@@ -263,8 +262,7 @@ impl EvalOp for BatchedProduct {
         if size == 0 {
             return Ok(tvec!(out.into_tvalue()));
         }
-        let (a_strides, b_strides) = (a.strides(), b.strides());
-        let c_strides: TVec<isize> = out.strides().into();
+        let (a_strides, b_strides, c_strides) = (strides(a)?, strides(b)?, strides(&out)?);
         let batches: Vec<TVec<usize>> = {
             let mut batch_shape: TVec<usize> = shape.clone();
             batch_shape[self.m_axis] = 1;
@@ -281,14 +279,14 @@ impl EvalOp for BatchedProduct {
         let n_inner = self.n_axis > self.m_axis;
         let product = |coords: &[usize], dst: &mut [f32]| {
             let lhs = matrix(
-                &av[self.lhs.offset(coords, a_shape, a_strides)..],
-                a_strides,
+                &av[self.lhs.offset(coords, a_shape, &a_strides)..],
+                &a_strides,
                 (self.lhs.mn_axis, m),
                 (self.lhs.k_axis, k),
             );
             let rhs = matrix(
-                &bv[self.rhs.offset(coords, b_shape, b_strides)..],
-                b_strides,
+                &bv[self.rhs.offset(coords, b_shape, &b_strides)..],
+                &b_strides,
                 (self.rhs.k_axis, k),
                 (self.rhs.mn_axis, n),
             );
@@ -328,10 +326,10 @@ impl EvalOp for BatchedProduct {
                 for (coords, matrix) in batches.iter().zip(scratch.chunks_exact(size)) {
                     let start: usize = batch_axes
                         .iter()
-                        .map(|&ax| coords[ax] * c_strides[ax] as usize)
+                        .map(|&ax| coords[ax] * c_strides[ax])
                         .sum();
                     for (i, run) in matrix.chunks_exact(inner).enumerate() {
-                        let at = start + i * c_strides[outer_axis] as usize;
+                        let at = start + i * c_strides[outer_axis];
                         c[at..at + inner].copy_from_slice(run);
                     }
                 }
