@@ -92,19 +92,21 @@ fn load(
         gigastt::speech::tune::rewrite_decluttered(&mut model, &mut done)?;
         stages.mark("rewrite_decluttered");
     }
+    // PROBE_EXACT=1: only the rewrites that keep tract's bits.
+    let exactness = if std::env::var("PROBE_EXACT").is_ok() {
+        gigastt::speech::tune::Exactness::Bits
+    } else {
+        gigastt::speech::tune::Exactness::Close
+    };
     if std::env::var("PROBE_PASSES").is_ok() {
         optimize_timing_passes(&mut model)?;
+    } else if tune {
+        gigastt::speech::tune::optimize(&mut model, &mut done, exactness)?;
     } else {
         model.optimize()?;
     }
     stages.mark("optimize");
     if tune {
-        // PROBE_EXACT=1: only the rewrites that keep tract's bits.
-        let exactness = if std::env::var("PROBE_EXACT").is_ok() {
-            gigastt::speech::tune::Exactness::Bits
-        } else {
-            gigastt::speech::tune::Exactness::Close
-        };
         gigastt::speech::tune::rewrite_optimized(
             &mut model,
             &mut done,

@@ -372,7 +372,7 @@ pub(crate) fn load_encoder_as(
                 let mut own = super::tune::Rewrites::default();
                 part.declutter()?;
                 super::tune::rewrite_decluttered(&mut part, &mut own)?;
-                super::tune::optimize(&mut part, &mut own)?;
+                super::tune::optimize(&mut part, &mut own, exactness)?;
                 super::tune::rewrite_optimized(&mut part, &mut own, executor.clone(), exactness)?;
                 done.lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)

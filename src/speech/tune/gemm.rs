@@ -9,8 +9,10 @@
 //! Those matmuls are 85 % of the fp32 encoder.
 //!
 //! [`replace_weight_matmuls`] takes each optimised fp32 matmul of constant
-//! weights by one activation matrix, unpacks the weights once from tract's
-//! panels into a plain `k x m` matrix, and runs it as a [`WeightMatMul`]:
+//! weights by one activation matrix, its weights as read
+//! ([`super::plain::PlainWeights`], where [`super::plain::keep`] ran) or
+//! unpacked once from tract's panels into a plain `k x m` matrix, and runs it
+//! as a [`WeightMatMul`]:
 //! faer's product, then what tract fused after it (a bias per output
 //! feature, a scale, a clamp) in one pass. The bias is written
 //! into the output before the product adds to it, as tract adds it after the
@@ -25,6 +27,8 @@ use tract_linalg::pack::PackedFormat;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, ProtoFusedSpec};
+
+use super::plain::PlainWeights;
 
 /// Replaces each fp32 matmul of constant weights by one unbatched activation
 /// matrix in an optimised graph with a [`WeightMatMul`], when every op tract
@@ -82,9 +86,6 @@ fn weight_matmul(
     let (Some((weights, x_slot)), true) = (product, stored) else {
         return Ok(None);
     };
-    let Some(weights) = weights.downcast_ref::<EagerPackedInput>() else {
-        return Ok(None);
-    };
     let (m, k) = (weights.mn(), weights.k());
     if c_shape[m_axis].to_usize().ok() != Some(m) {
         return Ok(None);
@@ -127,13 +128,26 @@ fn weight_matmul(
             return Ok(None);
         }
     }
-    let Some(weights) = plain_weights(weights)? else {
+    let (weights, k_major) = if let Some(plain) = weights.downcast_ref::<PlainWeights>() {
+        (plain.tensor().clone(), plain.k_major())
+    } else if let Some(packed) = weights.downcast_ref::<EagerPackedInput>() {
+        let Some(unpacked) = plain_weights(packed)? else {
+            return Ok(None);
+        };
+        (Arc::new(unpacked), true)
+    } else {
         return Ok(None);
     };
+    ensure!(
+        weights.len() == k * m,
+        "{k} x {m} weights in {:?}",
+        weights.shape()
+    );
     let mut inputs: TVec<OutletId> = node.inputs.iter().copied().collect();
     inputs[x_slot] = x;
     let op = WeightMatMul {
-        weights: Arc::new(weights),
+        weights,
+        k_major,
         k,
         m,
         x_slot,
@@ -221,8 +235,10 @@ fn apply(bin: BinOp, a: f32, b: f32) -> f32 {
 /// shape and layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WeightMatMul {
-    /// The plain `k x m` weights.
+    /// The `k x m` weights, unpacked: `k`-major (row `k` holds the weights
+    /// of every output feature) or feature-major.
     weights: Arc<Tensor>,
+    k_major: bool,
     k: usize,
     m: usize,
     /// Which input holds the activations, and their `k` and `n` axes.
@@ -243,8 +259,15 @@ impl Op for WeightMatMul {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "faer f32, m {} k {}, then {:?}",
-            self.m, self.k, self.fused
+            "faer f32, m {} k {} ({}), then {:?}",
+            self.m,
+            self.k,
+            if self.k_major {
+                "k-major"
+            } else {
+                "feature-major"
+            },
+            self.fused
         )])
     }
 
@@ -302,7 +325,12 @@ impl EvalOp for WeightMatMul {
                 faer::MatRef::from_column_major_slice(xs, n, k)
             };
             let ws = self.weights.try_as_plain_ram()?;
-            let rhs = faer::MatRef::from_row_major_slice(ws.as_slice::<f32>()?, k, m);
+            let ws = ws.as_slice::<f32>()?;
+            let rhs = if self.k_major {
+                faer::MatRef::from_row_major_slice(ws, k, m)
+            } else {
+                faer::MatRef::from_column_major_slice(ws, k, m)
+            };
             let dst = if features_inner {
                 faer::MatMut::from_row_major_slice_mut(c, n, m)
             } else {
@@ -395,12 +423,14 @@ mod tests {
     use crate::speech::tune::tests::{assert_close_on_any_pool, uniform};
     use tract_onnx::tract_core::ops::binary::TypedBinOp;
     use tract_onnx::tract_core::ops::einsum::EinSum;
+    use tract_onnx::tract_core::ops::konst::Const;
     use tract_onnx::tract_core::ops::math;
     use tract_onnx::tract_core::ops::matmul::optimized::OptMatMul;
 
     /// A layer as GigaAM's: `x` (`[1, T, k]`, `T` symbolic) by constant
     /// weights (`expr` says the layout), a bias per feature, a scale, a ReLU
-    /// and a residual, optimised by tract, which fuses them all into its matmul.
+    /// and a residual, decluttered; tract's optimiser fuses all but the
+    /// residual into its matmul.
     fn layer(expr: &str, k: usize, m: usize, features_last: bool) -> TypedModel {
         let mut model = TypedModel::default();
         let t: TDim = model.symbols.sym("T").into();
@@ -441,19 +471,31 @@ mod tests {
         let y = wire("relu", math::max(), y, zero);
         let y = wire("residual", math::add(), y, residual);
         model.select_output_outlets(&[y]).expect("outputs");
-        model.into_optimized().expect("optimised")
+        model.into_decluttered().expect("decluttered")
     }
 
     /// The layer's output with the weight matmul on faer against tract's,
     /// for both output layouts and a frame count off every block size, on
     /// one and two threads: within a few units in the last place of the
-    /// scale, and the same bits on either pool.
+    /// scale, and the same bits on either pool. The weights come unpacked
+    /// from tract's panels, or (our optimiser) as the layer's own tensor.
     #[test]
     fn close_to_tract_s_matmul_with_its_fused_ops_on_any_pool() {
+        use crate::speech::tune::{Exactness, Rewrites, optimize};
         let (k, m) = (96usize, 40usize);
-        for (expr, features_last) in [("atk,kn->atn", true), ("atk,kn->ant", false)] {
-            let plain = layer(expr, k, m, features_last);
-            let mut replaced = plain.clone();
+        let cases = [("atk,kn->atn", true), ("atk,kn->ant", false)];
+        for ((expr, features_last), kept) in cases.into_iter().flat_map(|c| [(c, false), (c, true)])
+        {
+            let typed = layer(expr, k, m, features_last);
+            let plain = typed.clone().into_optimized().expect("optimised");
+            let mut replaced = typed.clone();
+            let mut done = Rewrites::default();
+            if kept {
+                optimize(&mut replaced, &mut done, Exactness::Close).expect("ours");
+            } else {
+                replaced = plain.clone();
+            }
+            assert_eq!(done.plain_weights, usize::from(kept), "{replaced}");
             assert_eq!(
                 replace_weight_matmuls(&mut replaced).expect("replace"),
                 1,
@@ -468,6 +510,12 @@ mod tests {
             // What tract fused: bias (first, into the output), scale, ReLU
             // (the residual stays an add of its own, as in GigaAM's graphs).
             assert_eq!(ours.fused.len(), 3, "{:?}", ours.fused);
+            // Kept, the weights are the layer's tensor itself, not a copy.
+            let read = typed.nodes.iter().filter_map(|n| n.op_as::<Const>());
+            let shared = read
+                .into_iter()
+                .any(|c| Arc::ptr_eq(c.val(), &ours.weights));
+            assert_eq!(shared, kept, "{expr}");
             assert!(
                 !replaced.nodes.iter().any(|n| n.op_is::<OptMatMul>()),
                 "{replaced}"
@@ -485,7 +533,8 @@ mod tests {
                 Tensor::from_shape(&[1, frames, k], &x).expect("x"),
                 Tensor::from_shape(&r_shape, &r).expect("r"),
             ];
-            assert_close_on_any_pool(&plain, &replaced, &inputs, 16.0, expr);
+            let what = format!("{expr}, kept {kept}");
+            assert_close_on_any_pool(&plain, &replaced, &inputs, 16.0, &what);
         }
     }
 

@@ -20,7 +20,11 @@
 //! - [`FastDynamicQuantize`]: tract's `DynamicQuantizeLinear` is a scalar loop
 //!   (a libm call per element for the rounding); this one vectorises.
 //! - [`gemm::replace_weight_matmuls`]: tract-linalg's f32 kernels run the fp32
-//!   weight matmuls without cache blocking, at two thirds of faer's rate.
+//!   weight matmuls without cache blocking, at two thirds of faer's rate. With
+//!   [`Exactness::Close`], [`optimize`] runs [`plain::keep`] too: faer reads
+//!   each fp32 weight as read from the file, where tract would pack it into
+//!   panels (and faer need it unpacked again); [`plain::pack_leftovers`]
+//!   packs those left to tract's kernels.
 //! - [`products::replace_batched_products`]: the attention's products of two
 //!   activations (16 heads, `k` 48) pack every head for a kernel whose tiles are
 //!   mostly overhead at that `k`; faer reads the heads in place.
@@ -64,6 +68,7 @@ pub mod dequant;
 pub mod gemm;
 pub mod norm;
 pub mod pack;
+pub mod plain;
 pub mod products;
 pub mod softmax;
 
@@ -95,6 +100,10 @@ pub struct Rewrites {
     pub quantizers: usize,
     /// fp32 weight matmuls run on faer's kernels ([`gemm`]).
     pub gemms: usize,
+    /// fp32 weights kept as read at load, not packed by tract ([`plain`]).
+    pub plain_weights: usize,
+    /// Of those, the ones packed for tract's kernels after the rewrites.
+    pub plain_packed: usize,
     /// The attention's products of two activations run on faer ([`products`]).
     pub products: usize,
     /// fp32 weight matmuls moved to the kernel tract prefers for long inputs.
@@ -133,6 +142,8 @@ impl Rewrites {
         self.amx_tails += other.amx_tails;
         self.quantizers += other.quantizers;
         self.gemms += other.gemms;
+        self.plain_weights += other.plain_weights;
+        self.plain_packed += other.plain_packed;
         self.products += other.products;
         self.retargeted += other.retargeted;
         self.serialized += other.serialized;
@@ -185,6 +196,7 @@ pub fn rewrite_optimized(
         done.gemms += gemm::replace_weight_matmuls(model)?;
         // Before the batched packings: what these read is the packings' input.
         done.products += products::replace_batched_products(model)?;
+        done.plain_packed += plain::pack_leftovers(model)?;
     }
     let mut retarget = || retarget_weight_matmuls(model, KERNEL_N_HINT);
     done.retargeted += match executor {
@@ -541,20 +553,29 @@ fn initializer_is_zero(t: &tract_onnx::pb::TensorProto) -> bool {
 /// folded as soon as tract's lowering makes them, before its constant
 /// propagation. That propagation casts each weight to i32 to see what the
 /// cast would cost, finds it four times the weight, throws it away, and does it
-/// again in every round (docs/perf.md, "The fourteenth round"). Adds the folds
-/// to `done`.
-pub fn optimize(model: &mut TypedModel, done: &mut Rewrites) -> TractResult<()> {
+/// again in every round (docs/perf.md, "The fourteenth round"). With
+/// [`Exactness::Close`] (whose rewrites run the fp32 weight matmuls on faer)
+/// [`plain::keep`] runs there too, before tract packs the fp32 weights. Adds
+/// what they did to `done`.
+pub fn optimize(
+    model: &mut TypedModel,
+    done: &mut Rewrites,
+    exactness: Exactness,
+) -> TractResult<()> {
+    use std::sync::atomic::Ordering::Relaxed;
     let counts = Arc::new(WeightCounts::default());
     let mut optimizer = tract_onnx::tract_core::optim::Optimizer::codegen();
     optimizer.add_pass(
         0,
         Box::new(WeightsPass {
             counts: counts.clone(),
+            plain: exactness == Exactness::Close,
         }),
     );
     model.optimize_with_session(&mut optimizer.session())?;
-    done.folded += counts.folded.load(std::sync::atomic::Ordering::Relaxed);
-    done.amx_packed += counts.amx_packed.load(std::sync::atomic::Ordering::Relaxed);
+    done.folded += counts.folded.load(Relaxed);
+    done.amx_packed += counts.amx_packed.load(Relaxed);
+    done.plain_weights += counts.plain.load(Relaxed);
     Ok(())
 }
 
@@ -563,6 +584,7 @@ pub fn optimize(model: &mut TypedModel, done: &mut Rewrites) -> TractResult<()> 
 struct WeightCounts {
     folded: std::sync::atomic::AtomicUsize,
     amx_packed: std::sync::atomic::AtomicUsize,
+    plain: std::sync::atomic::AtomicUsize,
 }
 
 /// [`fold_weight_sums`] and, where tract picked its AMX kernel, [`amx::fold`],
@@ -572,6 +594,8 @@ struct WeightCounts {
 #[derive(Debug, Clone)]
 struct WeightsPass {
     counts: Arc<WeightCounts>,
+    /// Whether to run [`plain::keep`] (the faer rewrites will follow).
+    plain: bool,
 }
 
 impl tract_onnx::tract_core::optim::TypedPass for WeightsPass {
@@ -596,7 +620,9 @@ impl tract_onnx::tract_core::optim::TypedPass for WeightsPass {
         #[cfg(not(target_arch = "x86_64"))]
         let packed = 0;
         self.counts.amx_packed.fetch_add(packed, Relaxed);
-        Ok(folded + packed > 0)
+        let plain = if self.plain { plain::keep(model)? } else { 0 };
+        self.counts.plain.fetch_add(plain, Relaxed);
+        Ok(folded + packed + plain > 0)
     }
 }
 
@@ -1854,6 +1880,13 @@ mod tests {
     fn assert_close(dir: &str, file: &str) -> Rewrites {
         let (plain, tuned, done) = plain_and_tuned(dir, file, Build::Tuned(Exactness::Close));
         assert!(done.softmaxes > 0 && done.norms > 0, "{file}: {done:?}");
+        // Each fp32 weight kept as read went to faer, or was packed for tract.
+        assert!(done.plain_weights > 0, "{file}: {done:?}");
+        assert_eq!(
+            done.plain_weights,
+            done.gemms + done.plain_packed,
+            "{file}: {done:?}"
+        );
         let difference = relative_difference(&plain, &tuned);
         eprintln!("{file}: relative difference {difference:e}, {done:?}");
         assert!(
