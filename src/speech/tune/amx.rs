@@ -40,18 +40,8 @@ pub fn fold(model: &mut TypedModel) -> TractResult<usize> {
             job.mn_axis,
             packed,
         );
-        // The constant tract's constant folding would have made: the pack's
-        // own fact (its formats) goes with the value.
-        let node = model.node(*id);
-        let exotic = node.outputs[0].fact.exotic_fact.clone();
-        let mut patch = TypedModelPatch::new("pack an int8 weight for AMX");
-        let wire = patch.wire_node(
-            &node.name,
-            Const::new_with_opt_exotic_fact(value.into_arc_tensor(), exotic)?,
-            &[],
-        )?[0];
-        patch.shunt_outside(model, OutletId::new(*id, 0), wire)?;
-        patch.apply(model)?;
+        let why = "pack an int8 weight for AMX";
+        super::replace_with_constant(model, *id, value.into_arc_tensor(), why)?;
     }
     Ok(found.len())
 }

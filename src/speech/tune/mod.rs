@@ -490,6 +490,24 @@ fn packed_value(
         .into_tvalue()
 }
 
+/// Replaces node `id`'s single output with the constant `value`, the node's
+/// own fact (a packing's formats) going with it: the constant tract's
+/// folding would have made of it.
+fn replace_with_constant(
+    model: &mut TypedModel,
+    id: usize,
+    value: Arc<Tensor>,
+    why: &str,
+) -> TractResult<()> {
+    let node = model.node(id);
+    let exotic = node.outputs[0].fact.exotic_fact.clone();
+    let mut patch = TypedModelPatch::new(why);
+    let konst = Const::new_with_opt_exotic_fact(value, exotic)?;
+    let wire = patch.wire_node(&node.name, konst, &[])?[0];
+    patch.shunt_outside(model, OutletId::new(id, 0), wire)?;
+    patch.apply(model)
+}
+
 /// `shape` without the axes a packing consumes.
 fn packed_shape<D: Clone>(shape: &[D], k_axis: usize, mn_axis: usize) -> TVec<D> {
     shape
@@ -555,8 +573,9 @@ fn initializer_is_zero(t: &tract_onnx::pb::TensorProto) -> bool {
 /// cast would cost, finds it four times the weight, throws it away, and does it
 /// again in every round (docs/perf.md, "The fourteenth round"). With
 /// [`Exactness::Close`] (whose rewrites run the fp32 weight matmuls on faer)
-/// [`plain::keep`] runs there too, before tract packs the fp32 weights. Adds
-/// what they did to `done`.
+/// [`plain::keep`] runs there too, before tract packs the fp32 weights: the
+/// graph then needs [`rewrite_optimized`] with the same exactness before it
+/// runs (it packs what faer does not take). Adds what they did to `done`.
 pub fn optimize(
     model: &mut TypedModel,
     done: &mut Rewrites,

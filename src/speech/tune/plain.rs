@@ -52,18 +52,8 @@ pub fn keep(model: &mut TypedModel) -> TractResult<usize> {
             Box::new(value.clone()),
             f32::datum_type(),
         );
-        // The pack's own fact (its format) goes with the value, as with the
-        // constant tract's folding would have made.
-        let node = model.node(*id);
-        let exotic = node.outputs[0].fact.exotic_fact.clone();
-        let mut patch = TypedModelPatch::new("keep an f32 weight as read");
-        let wire = patch.wire_node(
-            &node.name,
-            Const::new_with_opt_exotic_fact(packed.into_arc_tensor(), exotic)?,
-            &[],
-        )?[0];
-        patch.shunt_outside(model, OutletId::new(*id, 0), wire)?;
-        patch.apply(model)?;
+        let why = "keep an f32 weight as read";
+        super::replace_with_constant(model, *id, packed.into_arc_tensor(), why)?;
     }
     Ok(found.len())
 }
@@ -116,16 +106,8 @@ pub fn pack_leftovers(model: &mut TypedModel) -> TractResult<usize> {
         }
     }
     for (id, tensor) in constants {
-        let node = model.node(id);
-        let exotic = node.outputs[0].fact.exotic_fact.clone();
-        let mut patch = TypedModelPatch::new("pack an f32 weight left to tract");
-        let wire = patch.wire_node(
-            &node.name,
-            Const::new_with_opt_exotic_fact(tensor.into_arc_tensor(), exotic)?,
-            &[],
-        )?[0];
-        patch.shunt_outside(model, OutletId::new(id, 0), wire)?;
-        patch.apply(model)?;
+        let why = "pack an f32 weight left to tract";
+        super::replace_with_constant(model, id, tensor.into_arc_tensor(), why)?;
     }
     Ok(done)
 }
