@@ -488,13 +488,14 @@ mod tests {
         {
             let typed = layer(expr, k, m, features_last);
             let plain = typed.clone().into_optimized().expect("optimised");
-            let mut replaced = typed.clone();
             let mut done = Rewrites::default();
-            if kept {
-                optimize(&mut replaced, &mut done, Exactness::Close).expect("ours");
+            let mut replaced = if kept {
+                let mut ours = typed.clone();
+                optimize(&mut ours, &mut done, Exactness::Close).expect("ours");
+                ours
             } else {
-                replaced = plain.clone();
-            }
+                plain.clone()
+            };
             assert_eq!(done.plain_weights, usize::from(kept), "{replaced}");
             assert_eq!(
                 replace_weight_matmuls(&mut replaced).expect("replace"),
@@ -511,10 +512,8 @@ mod tests {
             // (the residual stays an add of its own, as in GigaAM's graphs).
             assert_eq!(ours.fused.len(), 3, "{:?}", ours.fused);
             // Kept, the weights are the layer's tensor itself, not a copy.
-            let read = typed.nodes.iter().filter_map(|n| n.op_as::<Const>());
-            let shared = read
-                .into_iter()
-                .any(|c| Arc::ptr_eq(c.val(), &ours.weights));
+            let mut read = typed.nodes.iter().filter_map(|n| n.op_as::<Const>());
+            let shared = read.any(|c| Arc::ptr_eq(c.val(), &ours.weights));
             assert_eq!(shared, kept, "{expr}");
             assert!(
                 !replaced.nodes.iter().any(|n| n.op_is::<OptMatMul>()),
