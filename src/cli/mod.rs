@@ -273,7 +273,7 @@ pub(crate) fn load_engine(
     let r = &info.encoder_rewrites;
     log::info!(
         "encoder in {} pieces ({} with a time symbol of their own), kernels: {}, our loops: {}; rewrites: {} weights read from the file into their tensors, \
-         {} fp32 weight matmuls and {} attention products run on faer, \
+         {} fp32 weight matmuls ({} of their weights laid out for it in a copy) and {} attention products run on faer, \
          {} fp32 weights kept as read ({} of them packed for tract's kernels after all), {} moved to the long-input kernel, \
          {} row-loop matmuls kept on one thread, {} zero weight zero points dropped, \
          {} constant chains folded, {} int8 weights packed for AMX, \
@@ -289,6 +289,7 @@ pub(crate) fn load_engine(
         info.loop_simd,
         r.weights_from_file,
         r.gemms,
+        r.gemm_copies,
         r.products,
         r.plain_weights,
         r.plain_packed,

@@ -11,18 +11,30 @@
 //! [`replace_weight_matmuls`] takes each optimised fp32 matmul of constant
 //! weights by one activation matrix, its weights as read
 //! ([`super::plain::PlainWeights`], where [`super::plain::keep`] ran) or
-//! unpacked once from tract's panels into a plain `k x m` matrix, and runs it
-//! as a [`WeightMatMul`]:
+//! unpacked once from tract's panels, and runs it as a [`WeightMatMul`]:
 //! faer's product, then what tract fused after it (a bias per output
 //! feature, a scale, a clamp) in one pass. The bias is written
 //! into the output before the product adds to it, as tract adds it after the
 //! sum. It changes bits (faer sums `k` in its own blocks), so it runs only
 //! with [`super::Exactness::Close`]; the tests hold the fp32 encoder output
 //! within [`super::tests`]' `CLOSE` of tract's, and the golden token ids.
+//!
+//! The weights are laid out once, at load, in blocks of [`WEIGHT_BLOCK`]
+//! output features, each block contiguous (in the weight's own tensor, which
+//! nothing else holds by then), and each block is one faer product (the
+//! blocks split over the pool, each on one thread, so the bits do not depend
+//! on the pool).
+//! faer packs its left operand (here the weights) on every call, reading it
+//! a column of the kernel's rows at a time; from a whole `k x m` matrix that
+//! read is strided by `m` and ran the short pieces' products (`n` ~115
+//! frames) at 43–46 G multiply-accumulates a second on one core, against
+//! 48–51 G from contiguous blocks (docs/perf.md, twenty-second round).
+
+use std::fmt;
 
 use tract_linalg::BinOp;
 use tract_linalg::mmm::{EagerPackedInput, MMMInputValue};
-use tract_linalg::multithread::{Executor, current_tract_executor};
+use tract_linalg::multithread::par_chunks_mut;
 use tract_linalg::pack::PackedFormat;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -34,8 +46,20 @@ use super::plain::PlainWeights;
 /// matrix in an optimised graph with a [`WeightMatMul`], when every op tract
 /// fused into it is one [`Fused`] knows (a residual added in the matmul's
 /// store, which tract fuses in none of GigaAM's, keeps tract's). Returns how many were replaced.
-pub fn replace_weight_matmuls(model: &mut TypedModel) -> TractResult<usize> {
-    super::replace_matmuls(model, weight_matmul)
+/// Then lays each one's weights out in blocks, in place where the replaced
+/// matmul held the last other reference; adds to `copied` those laid out in
+/// a copy instead.
+pub fn replace_weight_matmuls(model: &mut TypedModel, copied: &mut usize) -> TractResult<usize> {
+    let done = super::replace_matmuls(model, weight_matmul)?;
+    for node in &mut model.nodes {
+        if let Some(op) = node.op_as_mut::<WeightMatMul>()
+            && op.weights.layout != Layout::Blocks
+            && op.weights.arrange()? == Arranged::Copied
+        {
+            *copied += 1;
+        }
+    }
+    Ok(done)
 }
 
 /// The [`WeightMatMul`] for node `id` and its inputs (the node's, with the
@@ -128,28 +152,20 @@ fn weight_matmul(
             return Ok(None);
         }
     }
-    let (weights, k_major) = if let Some(plain) = weights.downcast_ref::<PlainWeights>() {
-        (plain.tensor().clone(), plain.k_major())
+    let weights = if let Some(plain) = weights.downcast_ref::<PlainWeights>() {
+        Weights::new(plain.tensor().clone(), k, m, plain.k_major())?
     } else if let Some(packed) = weights.downcast_ref::<EagerPackedInput>() {
         let Some(unpacked) = plain_weights(packed)? else {
             return Ok(None);
         };
-        (Arc::new(unpacked), true)
+        Weights::new(Arc::new(unpacked), k, m, true)?
     } else {
         return Ok(None);
     };
-    ensure!(
-        weights.len() == k * m,
-        "{k} x {m} weights in {:?}",
-        weights.shape()
-    );
     let mut inputs: TVec<OutletId> = node.inputs.iter().copied().collect();
     inputs[x_slot] = x;
     let op = WeightMatMul {
         weights,
-        k_major,
-        k,
-        m,
         x_slot,
         k_axis,
         x_n_axis,
@@ -196,6 +212,202 @@ fn plain_weights(weights: &EagerPackedInput) -> TractResult<Option<Tensor>> {
     Ok(Some(plain))
 }
 
+/// Output features per block of the fp32 weights laid out for faer: the rows of
+/// faer's AVX-512 f32 kernel (96), which its AVX2 kernel's (24) divide.
+pub const WEIGHT_BLOCK: usize = 96;
+
+/// How the values of a [`Weights`] lie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// As read: for each `k`, the weights of every output feature in a row.
+    KMajor,
+    /// As read: for each output feature, its weights of every `k` in a row.
+    FeatureMajor,
+    /// Blocks of [`WEIGHT_BLOCK`] output features (the last one narrower
+    /// where `m` is not a multiple), one after another, each `k`-major.
+    Blocks,
+}
+
+/// The `k x m` f32 weights of a [`WeightMatMul`], each block of
+/// [`WEIGHT_BLOCK`] output features one product for faer: strided views of
+/// the matrix as read, until [`Weights::arrange`] lays it out in blocks.
+#[derive(Clone)]
+struct Weights {
+    values: Arc<Tensor>,
+    k: usize,
+    m: usize,
+    layout: Layout,
+}
+
+/// How [`Weights::arrange`] laid the weights out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arranged {
+    /// In the tensor as read, which nothing else held.
+    InPlace,
+    /// In a copy: the tensor was shared, or `k`-major with a narrower block.
+    Copied,
+}
+
+impl Weights {
+    fn new(values: Arc<Tensor>, k: usize, m: usize, k_major: bool) -> TractResult<Weights> {
+        ensure!(
+            values.datum_type() == f32::datum_type() && values.len() == k * m,
+            "{:?} {:?} weights for {k} x {m} f32",
+            values.datum_type(),
+            values.shape()
+        );
+        let layout = if k_major {
+            Layout::KMajor
+        } else {
+            Layout::FeatureMajor
+        };
+        Ok(Weights {
+            values,
+            k,
+            m,
+            layout,
+        })
+    }
+
+    /// How many blocks.
+    fn blocks(&self) -> usize {
+        self.m.div_ceil(WEIGHT_BLOCK)
+    }
+
+    /// Block `b` of `values` (this one's) as the `k x width` matrix faer reads.
+    fn block<'a>(&self, values: &'a [f32], b: usize) -> faer::MatRef<'a, f32> {
+        let (k, m) = (self.k, self.m);
+        let start = b * WEIGHT_BLOCK;
+        let width = WEIGHT_BLOCK.min(m - start);
+        match self.layout {
+            Layout::KMajor => {
+                faer::MatRef::from_row_major_slice(values, k, m).subcols(start, width)
+            }
+            Layout::FeatureMajor => {
+                faer::MatRef::from_column_major_slice(values, k, m).subcols(start, width)
+            }
+            Layout::Blocks => {
+                faer::MatRef::from_row_major_slice(&values[start * k..][..width * k], k, width)
+            }
+        }
+    }
+
+    /// Lays the weights out in blocks, each contiguous: in the tensor itself
+    /// where nothing else holds it, else in a copy.
+    fn arrange(&mut self) -> TractResult<Arranged> {
+        let (k, m, layout) = (self.k, self.m, self.layout);
+        let movable = layout != Layout::KMajor || m % WEIGHT_BLOCK == 0;
+        if let (Some(tensor), true) = (Arc::get_mut(&mut self.values), movable) {
+            let mut view = tensor.try_as_plain_ram_mut()?;
+            let values = view.as_slice_mut::<f32>()?;
+            match layout {
+                Layout::KMajor => move_chunks(values, k, m / WEIGHT_BLOCK),
+                Layout::FeatureMajor => transpose_blocks(values, k, m),
+                Layout::Blocks => {}
+            }
+            self.layout = Layout::Blocks;
+            return Ok(Arranged::InPlace);
+        }
+        let mut blocks = Tensor::zero::<f32>(self.values.shape())?;
+        {
+            let from = self.values.try_as_plain_ram()?;
+            let from = from.as_slice::<f32>()?;
+            let mut to = blocks.try_as_plain_ram_mut()?;
+            let mut to = to.as_slice_mut::<f32>()?;
+            for b in 0..self.blocks() {
+                let block = self.block(from, b);
+                for kk in 0..k {
+                    let (row, rest) = to.split_at_mut(block.ncols());
+                    for (j, w) in row.iter_mut().enumerate() {
+                        *w = block[(kk, j)];
+                    }
+                    to = rest;
+                }
+            }
+        }
+        self.values = Arc::new(blocks);
+        self.layout = Layout::Blocks;
+        Ok(Arranged::Copied)
+    }
+}
+
+/// A `k`-major `k x (chunks * WEIGHT_BLOCK)` matrix laid out in blocks in
+/// place: it is a `k x chunks` matrix of runs of [`WEIGHT_BLOCK`] weights,
+/// transposed by following each cycle of the permutation once.
+fn move_chunks(values: &mut [f32], k: usize, chunks: usize) {
+    let count = k * chunks;
+    // The run at `i` (row `i / chunks`, block `i % chunks`) goes to `to(i)`.
+    let to = |i: usize| (i % chunks) * k + i / chunks;
+    let mut moved = vec![false; count];
+    let mut carried = [0f32; WEIGHT_BLOCK];
+    for start in 0..count {
+        if moved[start] {
+            continue;
+        }
+        carried.copy_from_slice(&values[start * WEIGHT_BLOCK..][..WEIGHT_BLOCK]);
+        let mut at = to(start);
+        while at != start {
+            carried.swap_with_slice(&mut values[at * WEIGHT_BLOCK..][..WEIGHT_BLOCK]);
+            moved[at] = true;
+            at = to(at);
+        }
+        values[start * WEIGHT_BLOCK..][..WEIGHT_BLOCK].copy_from_slice(&carried);
+        moved[start] = true;
+    }
+}
+
+/// A feature-major `k x m` matrix laid out in blocks in place: each block's
+/// features are a contiguous run of it already, transposed through a
+/// scratch copy of one block.
+fn transpose_blocks(values: &mut [f32], k: usize, m: usize) {
+    let mut scratch = Vec::with_capacity(WEIGHT_BLOCK.min(m) * k);
+    for (b, block) in values.chunks_mut(WEIGHT_BLOCK * k).enumerate() {
+        let width = WEIGHT_BLOCK.min(m - b * WEIGHT_BLOCK);
+        scratch.clear();
+        scratch.extend_from_slice(block);
+        for (kk, row) in block.chunks_exact_mut(width).enumerate() {
+            for (j, w) in row.iter_mut().enumerate() {
+                *w = scratch[j * k + kk];
+            }
+        }
+    }
+}
+
+/// The same weights, bit for bit, laid out alike (so that equality is
+/// one: a NaN equals itself). tract compares ops at load (the attention's
+/// three projections read one input): the first weight that differs ends it,
+/// with nothing allocated.
+impl PartialEq for Weights {
+    fn eq(&self, other: &Weights) -> bool {
+        if (self.k, self.m, self.layout) != (other.k, other.m, other.layout) {
+            return false;
+        }
+        if Arc::ptr_eq(&self.values, &other.values) {
+            return true;
+        }
+        let (Ok(a), Ok(b)) = (
+            self.values.try_as_plain_ram(),
+            other.values.try_as_plain_ram(),
+        ) else {
+            return false;
+        };
+        match (a.as_slice::<f32>(), b.as_slice::<f32>()) {
+            (Ok(a), Ok(b)) => {
+                a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Weights {}
+
+impl fmt::Debug for Weights {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} x {} f32 weights, {:?}", self.k, self.m, self.layout)
+    }
+}
+
 /// An op tract fused after the product, applied to it in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fused {
@@ -235,12 +447,8 @@ fn apply(bin: BinOp, a: f32, b: f32) -> f32 {
 /// shape and layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WeightMatMul {
-    /// The `k x m` weights, unpacked: `k`-major (row `k` holds the weights
-    /// of every output feature) or feature-major.
-    weights: Arc<Tensor>,
-    k_major: bool,
-    k: usize,
-    m: usize,
+    /// The `k x m` weights.
+    weights: Weights,
     /// Which input holds the activations, and their `k` and `n` axes.
     x_slot: usize,
     k_axis: usize,
@@ -259,15 +467,8 @@ impl Op for WeightMatMul {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "faer f32, m {} k {} ({}), then {:?}",
-            self.m,
-            self.k,
-            if self.k_major {
-                "k-major"
-            } else {
-                "feature-major"
-            },
-            self.fused
+            "faer f32, m {} k {} ({:?}, by {WEIGHT_BLOCK}), then {:?}",
+            self.weights.m, self.weights.k, self.weights.layout, self.fused
         )])
     }
 
@@ -292,7 +493,7 @@ impl EvalOp for WeightMatMul {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = inputs.get(self.x_slot).context("no activations")?;
-        let (k, m) = (self.k, self.m);
+        let (k, m) = (self.weights.k, self.weights.m);
         ensure!(
             x.datum_type() == f32::datum_type() && x.shape()[self.k_axis] == k,
             "WeightMatMul: activations {:?}, k {k}",
@@ -324,27 +525,30 @@ impl EvalOp for WeightMatMul {
             } else {
                 faer::MatRef::from_column_major_slice(xs, n, k)
             };
-            let ws = self.weights.try_as_plain_ram()?;
-            let ws = ws.as_slice::<f32>()?;
-            let rhs = if self.k_major {
-                faer::MatRef::from_row_major_slice(ws, k, m)
-            } else {
-                faer::MatRef::from_column_major_slice(ws, k, m)
-            };
             let dst = if features_inner {
                 faer::MatMut::from_row_major_slice_mut(c, n, m)
             } else {
                 faer::MatMut::from_column_major_slice_mut(c, n, m)
             };
-            let product = |par| faer::linalg::matmul::matmul(dst, accumulate, lhs, rhs, 1f32, par);
-            match current_tract_executor() {
-                Executor::MultiThread(pool) => {
-                    let threads = pool.current_num_threads();
-                    pool.install(move || product(faer::Par::rayon(threads)))
-                }
-                Executor::RayonGlobal => product(faer::Par::rayon(0)),
-                Executor::SingleThread => product(faer::Par::Seq),
+            // The output's columns of each block of weights, one product each.
+            let ws = self.weights.values.try_as_plain_ram()?;
+            let ws = ws.as_slice::<f32>()?;
+            let mut columns = Vec::with_capacity(self.weights.blocks());
+            let mut rest = dst;
+            for _ in 0..self.weights.blocks() {
+                let width = WEIGHT_BLOCK.min(rest.ncols());
+                let (block, others) = rest.split_at_col_mut(width);
+                columns.push(block);
+                rest = others;
             }
+            par_chunks_mut(&mut columns, 1, n * k * m, |first, chunk| {
+                for (b, dst) in (first..).zip(chunk) {
+                    let rhs = self.weights.block(ws, b);
+                    let dst = dst.as_mut();
+                    faer::linalg::matmul::matmul(dst, accumulate, lhs, rhs, 1f32, faer::Par::Seq);
+                }
+                Ok(())
+            })?;
             for f in fused {
                 match *f {
                     Fused::Scalar(slot, bin) => {
@@ -482,7 +686,8 @@ mod tests {
     #[test]
     fn close_to_tract_s_matmul_with_its_fused_ops_on_any_pool() {
         use crate::speech::tune::{Exactness, Rewrites, optimize};
-        let (k, m) = (96usize, 40usize);
+        // A whole block of output features and a narrower one.
+        let (k, m) = (96usize, WEIGHT_BLOCK + 40);
         let cases = [("atk,kn->atn", true), ("atk,kn->ant", false)];
         for ((expr, features_last), kept) in cases.into_iter().flat_map(|c| [(c, false), (c, true)])
         {
@@ -498,7 +703,7 @@ mod tests {
             };
             assert_eq!(done.plain_weights, usize::from(kept), "{replaced}");
             assert_eq!(
-                replace_weight_matmuls(&mut replaced).expect("replace"),
+                replace_weight_matmuls(&mut replaced, &mut 0).expect("replace"),
                 1,
                 "{plain}"
             );
@@ -511,10 +716,19 @@ mod tests {
             // What tract fused: bias (first, into the output), scale, ReLU
             // (the residual stays an add of its own, as in GigaAM's graphs).
             assert_eq!(ours.fused.len(), 3, "{:?}", ours.fused);
-            // Kept, the weights are the layer's tensor itself, not a copy.
-            let mut read = typed.nodes.iter().filter_map(|n| n.op_as::<Const>());
-            let shared = read.any(|c| Arc::ptr_eq(c.val(), &ours.weights));
-            assert_eq!(shared, kept, "{expr}");
+            // The blocks hold the layer's weights, kept or unpacked.
+            let read = typed.nodes.iter().filter_map(|n| n.op_as::<Const>());
+            let layer_s = read
+                .filter(|c| c.val().shape() == [k, m])
+                .collect::<Vec<_>>();
+            let [layer_s] = layer_s.as_slice() else {
+                panic!("{} weights of {k} x {m}", layer_s.len())
+            };
+            let layer_s = layer_s.val().try_as_plain_ram().expect("plain");
+            let layer_s = layer_s.as_slice::<f32>().expect("f32");
+            let what = format!("{expr}, kept {kept}");
+            assert_eq!(ours.weights.layout, Layout::Blocks, "{what}");
+            assert_holds(&ours.weights, |kk, f| layer_s[kk * m + f], &what);
             assert!(
                 !replaced.nodes.iter().any(|n| n.op_is::<OptMatMul>()),
                 "{replaced}"
@@ -535,6 +749,79 @@ mod tests {
             let what = format!("{expr}, kept {kept}");
             assert_close_on_any_pool(&plain, &replaced, &inputs, 16.0, &what);
         }
+    }
+
+    /// Each block of `weights` holds the matrix `value(k, feature)`'s own
+    /// columns, the last one narrower where `m` is not a multiple of the
+    /// block; once arranged, contiguous, one after another.
+    fn assert_holds(weights: &Weights, value: impl Fn(usize, usize) -> f32, what: &str) {
+        let (k, m) = (weights.k, weights.m);
+        let view = weights.values.try_as_plain_ram().expect("plain");
+        let values = view.as_slice::<f32>().expect("f32");
+        for b in 0..weights.blocks() {
+            let block = weights.block(values, b);
+            let start = b * WEIGHT_BLOCK;
+            let width = WEIGHT_BLOCK.min(m - start);
+            assert_eq!(
+                (block.nrows(), block.ncols()),
+                (k, width),
+                "{what}: block {b}"
+            );
+            for kk in 0..k {
+                for j in 0..width {
+                    let expected = value(kk, start + j);
+                    let at = format!("{what}: block {b}, k {kk}, feature {}", start + j);
+                    assert_eq!(block[(kk, j)], expected, "{at}");
+                    if weights.layout == Layout::Blocks {
+                        assert_eq!(values[start * k + kk * width + j], expected, "{at}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Either layout as read, whole blocks or a narrower last one, held
+    /// elsewhere or not: the same blocks, laid out in place where nothing
+    /// else holds the tensor and the runs to move are whole blocks.
+    #[test]
+    fn weights_are_laid_out_in_blocks_in_place_or_in_a_copy() {
+        let k = 5usize;
+        let value = |kk: usize, f: usize| (kk * 1000 + f) as f32;
+        for m in [2 * WEIGHT_BLOCK, 2 * WEIGHT_BLOCK + 7, 7] {
+            let k_major: Vec<f32> = (0..k * m).map(|i| value(i / m, i % m)).collect();
+            let feature_major: Vec<f32> = (0..k * m).map(|i| value(i % k, i / k)).collect();
+            for (values, shape, is_k_major) in
+                [(&k_major, [k, m], true), (&feature_major, [m, k], false)]
+            {
+                for shared in [false, true] {
+                    let what = format!("m {m}, k-major {is_k_major}, shared {shared}");
+                    let tensor = Arc::new(Tensor::from_shape(&shape, values).expect("tensor"));
+                    let elsewhere = shared.then(|| tensor.clone());
+                    let mut weights = Weights::new(tensor, k, m, is_k_major).expect("weights");
+                    assert_holds(&weights, value, &what);
+                    let in_place = !shared && (!is_k_major || m % WEIGHT_BLOCK == 0);
+                    let expected = if in_place {
+                        Arranged::InPlace
+                    } else {
+                        Arranged::Copied
+                    };
+                    assert_eq!(weights.arrange().expect("arrange"), expected, "{what}");
+                    assert_eq!(weights.layout, Layout::Blocks, "{what}");
+                    assert_holds(&weights, value, &what);
+                    if let Some(elsewhere) = elsewhere {
+                        // The other reader's tensor is as it was read.
+                        let view = elsewhere.try_as_plain_ram().expect("plain");
+                        assert_eq!(view.as_slice::<f32>().expect("f32"), values.as_slice());
+                    }
+                }
+            }
+        }
+        let tensor = Arc::new(Tensor::from_shape(&[k, 7], &k_major_of(k, 7)).expect("tensor"));
+        assert!(Weights::new(tensor, k, 8, true).is_err());
+    }
+
+    fn k_major_of(k: usize, m: usize) -> Vec<f32> {
+        (0..k * m).map(|i| i as f32).collect()
     }
 
     #[test]

@@ -21,10 +21,11 @@
 //!   (a libm call per element for the rounding); this one vectorises.
 //! - [`gemm::replace_weight_matmuls`]: tract-linalg's f32 kernels run the fp32
 //!   weight matmuls without cache blocking, at two thirds of faer's rate. With
-//!   [`Exactness::Close`], [`optimize`] runs [`plain::keep`] too: faer reads
-//!   each fp32 weight as read from the file, where tract would pack it into
-//!   panels (and faer need it unpacked again); [`plain::pack_leftovers`]
-//!   packs those left to tract's kernels.
+//!   [`Exactness::Close`], [`optimize`] runs [`plain::keep`] too: each fp32
+//!   weight reaches `gemm` as read from the file, where tract would pack it
+//!   into panels (and `gemm` unpack it again), and `gemm` lays it out once in
+//!   the blocks faer reads fastest; [`plain::pack_leftovers`] packs those
+//!   left to tract's kernels.
 //! - [`products::replace_batched_products`]: the attention's products of two
 //!   activations (16 heads, `k` 48) pack every head for a kernel whose tiles are
 //!   mostly overhead at that `k`; faer reads the heads in place.
@@ -100,6 +101,9 @@ pub struct Rewrites {
     pub quantizers: usize,
     /// fp32 weight matmuls run on faer's kernels ([`gemm`]).
     pub gemms: usize,
+    /// Of those, the ones whose weights were laid out for faer in a copy,
+    /// not in place (shared with another reader, or with a narrower block).
+    pub gemm_copies: usize,
     /// fp32 weights kept as read at load, not packed by tract ([`plain`]).
     pub plain_weights: usize,
     /// Of those, the ones packed for tract's kernels after the rewrites.
@@ -144,6 +148,7 @@ impl Rewrites {
         self.gemms += other.gemms;
         self.plain_weights += other.plain_weights;
         self.plain_packed += other.plain_packed;
+        self.gemm_copies += other.gemm_copies;
         self.products += other.products;
         self.retargeted += other.retargeted;
         self.serialized += other.serialized;
@@ -193,7 +198,7 @@ pub fn rewrite_optimized(
     done.folded += fold_constant_chains(model)?;
     done.quantizers += replace_dynamic_quantize(model)?;
     if exactness == Exactness::Close {
-        done.gemms += gemm::replace_weight_matmuls(model)?;
+        done.gemms += gemm::replace_weight_matmuls(model, &mut done.gemm_copies)?;
         // Before the batched packings: what these read is the packings' input.
         done.products += products::replace_batched_products(model)?;
         done.plain_packed += plain::pack_leftovers(model)?;
@@ -1925,10 +1930,12 @@ mod tests {
             "v3_e2e_rnnt_encoder.onnx",
         );
         assert!(done.depthwise > 0 && done.broadcasts > 0, "{done:?}");
-        assert_close(
+        let done = assert_close(
             "models/gigaam-v3-full-random/gen",
             "v3_e2e_rnnt_encoder.onnx",
         );
+        // Every weight laid out for faer where it was read: no copy at load.
+        assert_eq!(done.gemm_copies, 0, "{done:?}");
     }
 
     /// A weight's sums over each axis, folded from the bytes, against tract's

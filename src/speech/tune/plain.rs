@@ -2,14 +2,15 @@
 //!
 //! tract's optimiser packs each constant f32 weight into its kernel's panels
 //! (its constant folding evaluates the `OptMatMulPack` of the weight), and
-//! [`super::gemm`] unpacked those panels again into the plain `k x m` matrix
-//! faer reads: two copies of every weight into fresh memory at load, 844 MiB
-//! each for the full-size encoder, made while the weight itself was alive.
+//! [`super::gemm`] unpacked those panels again into a plain matrix for faer:
+//! two copies of every weight into fresh memory at load, 844 MiB each for
+//! the full-size encoder, made while the weight itself was alive.
 //! [`keep`] runs at the head of tract's optimiser, before its constant
 //! folding, and turns each packing of a constant f32 weight into a constant
 //! [`PlainWeights`]: the weight's own tensor, shared, in tract's type for a
 //! packed matrix. tract bakes it into its matmul as it would the panels,
-//! `gemm` reads it in place, and [`pack_leftovers`] packs with tract's own
+//! `gemm` reads it from there (and lays it out once in its own blocks, the
+//! one copy left), and [`pack_leftovers`] packs with tract's own
 //! packer each one that a matmul tract keeps still holds after the rewrites,
 //! so that no plan runs with it: tract's kernels read panels through
 //! pointers, and [`PlainWeights`] has none to give (`panel_bytes` is an
@@ -208,7 +209,7 @@ impl MMMInputValue for PlainWeights {
     }
 
     fn panel_bytes(&self, _i: usize, _buffer: Option<*mut u8>) -> TractResult<*const u8> {
-        bail!("{self} are read in place by faer: tract's kernels need them packed first")
+        bail!("{self} are for faer: tract's kernels need them packed first")
     }
 
     fn mn(&self) -> usize {
