@@ -374,9 +374,8 @@ fn transpose_blocks(values: &mut [f32], k: usize, m: usize) {
 }
 
 /// The same weights, bit for bit, laid out alike (so that equality is
-/// one: a NaN equals itself). tract compares ops at load (the attention's
-/// three projections read one input): the first weight that differs ends it,
-/// with nothing allocated.
+/// one: a NaN equals itself). tract compares ops while it optimises: the
+/// first weight that differs ends it, with nothing allocated.
 impl PartialEq for Weights {
     fn eq(&self, other: &Weights) -> bool {
         if (self.k, self.m, self.layout) != (other.k, other.m, other.layout) {
@@ -816,12 +815,9 @@ mod tests {
                 }
             }
         }
-        let tensor = Arc::new(Tensor::from_shape(&[k, 7], &k_major_of(k, 7)).expect("tensor"));
+        let seven: Vec<f32> = (0..k * 7).map(|i| i as f32).collect();
+        let tensor = Arc::new(Tensor::from_shape(&[k, 7], &seven).expect("tensor"));
         assert!(Weights::new(tensor, k, 8, true).is_err());
-    }
-
-    fn k_major_of(k: usize, m: usize) -> Vec<f32> {
-        (0..k * m).map(|i| i as f32).collect()
     }
 
     #[test]

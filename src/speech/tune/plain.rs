@@ -9,8 +9,8 @@
 //! folding, and turns each packing of a constant f32 weight into a constant
 //! [`PlainWeights`]: the weight's own tensor, shared, in tract's type for a
 //! packed matrix. tract bakes it into its matmul as it would the panels,
-//! `gemm` reads it from there (and lays it out once in its own blocks, the
-//! one copy left), and [`pack_leftovers`] packs with tract's own
+//! `gemm` takes it from there (and lays it out in its own blocks, in the
+//! same tensor), and [`pack_leftovers`] packs with tract's own
 //! packer each one that a matmul tract keeps still holds after the rewrites,
 //! so that no plan runs with it: tract's kernels read panels through
 //! pointers, and [`PlainWeights`] has none to give (`panel_bytes` is an
