@@ -273,6 +273,7 @@ pub(crate) fn load_engine(
     let r = &info.encoder_rewrites;
     log::info!(
         "encoder in {} pieces ({} with a time symbol of their own), kernels: {}, our loops: {}; rewrites: {} weights read from the file into their tensors, \
+         {} kept out of tract's declutter ({} of its axis changes applied after it, {} of those weights on a copy), {} reshapes of a weight folded into it in place, \
          {} fp32 weight matmuls ({} of their weights laid out for it in a copy) and {} attention products run on faer, \
          {} fp32 weights kept as read ({} of them packed for tract's kernels after all), {} moved to the long-input kernel, \
          {} row-loop matmuls kept on one thread, {} zero weight zero points dropped, \
@@ -288,6 +289,10 @@ pub(crate) fn load_engine(
         info.encoder_kernels,
         info.loop_simd,
         r.weights_from_file,
+        r.deferred,
+        r.deferred_changes,
+        r.deferred_copies,
+        r.reshaped,
         r.gemms,
         r.gemm_copies,
         r.products,

@@ -370,7 +370,7 @@ pub(crate) fn load_encoder_as(
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
             let pieces = super::pieces::Pieces::build(model, threads, |mut part| {
                 let mut own = super::tune::Rewrites::default();
-                part.declutter()?;
+                super::tune::defer::declutter(&mut part, &mut own)?;
                 super::tune::rewrite_decluttered(&mut part, &mut own)?;
                 super::tune::optimize(&mut part, &mut own, exactness)?;
                 super::tune::rewrite_optimized(&mut part, &mut own, executor.clone(), exactness)?;

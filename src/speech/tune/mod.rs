@@ -5,6 +5,9 @@
 //! tract's kernels', so
 //! [`Exactness::Bits`] leaves them out, for the tests that compare bits.
 //!
+//! - [`defer`]: tract's declutter copies a weight for each axis change it
+//!   pushes into it, even one that moves no byte; the weights sit the
+//!   declutter out as values of our own, and get its changes after it.
 //! - [`drop_zero_weight_zero_points`]: the int8 export gives every weight a
 //!   per-channel zero point that is all zeros; declared, it makes tract correct
 //!   each product with a row sum of the activations at run time.
@@ -64,6 +67,7 @@
 pub mod amx;
 pub mod batch;
 pub mod broadcast;
+pub mod defer;
 pub mod depthwise;
 pub mod dequant;
 pub mod gemm;
@@ -88,6 +92,14 @@ pub struct Rewrites {
     /// Weights left in the model file, then read from it each into its tensor
     /// ([`crate::speech::lean`], [`crate::speech::weights`]).
     pub weights_from_file: usize,
+    /// Weights kept out of tract's declutter as values ([`defer`]).
+    pub deferred: usize,
+    /// The axis changes the declutter made to them, applied after it.
+    pub deferred_changes: usize,
+    /// Of those weights, the ones whose changes were applied to a copy.
+    pub deferred_copies: usize,
+    /// Reshapes of a weight folded into it in place ([`defer::fold_reshapes`]).
+    pub reshaped: usize,
     /// Weight zero points dropped (all zeros).
     pub zero_points: usize,
     /// Constant chains folded.
@@ -140,6 +152,10 @@ impl Rewrites {
     /// Adds the counts of `other` (the same rewrites on another piece).
     pub fn add(&mut self, other: &Rewrites) {
         self.weights_from_file += other.weights_from_file;
+        self.deferred += other.deferred;
+        self.deferred_changes += other.deferred_changes;
+        self.deferred_copies += other.deferred_copies;
+        self.reshaped += other.reshaped;
         self.zero_points += other.zero_points;
         self.folded += other.folded;
         self.amx_packed += other.amx_packed;
@@ -600,6 +616,7 @@ pub fn optimize(
     done.folded += counts.folded.load(Relaxed);
     done.amx_packed += counts.amx_packed.load(Relaxed);
     done.plain_weights += counts.plain.load(Relaxed);
+    done.reshaped += counts.reshaped.load(Relaxed);
     Ok(())
 }
 
@@ -609,10 +626,12 @@ struct WeightCounts {
     folded: std::sync::atomic::AtomicUsize,
     amx_packed: std::sync::atomic::AtomicUsize,
     plain: std::sync::atomic::AtomicUsize,
+    reshaped: std::sync::atomic::AtomicUsize,
 }
 
-/// [`fold_weight_sums`] and, where tract picked its AMX kernel, [`amx::fold`],
-/// as a pass at the head of tract's optimiser: each round runs it before
+/// [`fold_weight_sums`], where tract picked its AMX kernel [`amx::fold`], with
+/// [`Exactness::Close`] [`plain::keep`], and [`defer::fold_reshapes`], as a
+/// pass at the head of tract's optimiser: each round runs it before
 /// tract's constant folding. The optimiser clones its passes for each round,
 /// so the counts are shared.
 #[derive(Debug, Clone)]
@@ -646,7 +665,9 @@ impl tract_onnx::tract_core::optim::TypedPass for WeightsPass {
         self.counts.amx_packed.fetch_add(packed, Relaxed);
         let plain = if self.plain { plain::keep(model)? } else { 0 };
         self.counts.plain.fetch_add(plain, Relaxed);
-        Ok(folded + packed + plain > 0)
+        let reshaped = defer::fold_reshapes(model)?;
+        self.counts.reshaped.fetch_add(reshaped, Relaxed);
+        Ok(folded + packed + plain + reshaped > 0)
     }
 }
 
