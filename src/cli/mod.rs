@@ -278,6 +278,7 @@ pub(crate) fn load_engine(
          {} fp32 weights kept as read ({} of them packed for tract's kernels after all), {} moved to the long-input kernel, \
          {} row-loop matmuls kept on one thread, {} zero weight zero points dropped, \
          {} constant chains folded, {} int8 weights packed for AMX, \
+         {} int8 weights packed for tract's int8 kernel ({} in their own bytes), \
          {} packed activations copied where AMX would read past them, {} quantizers vectorised, {} broadcasting element-wise ops \
          run as rows, {} depthwise convolutions run directly, {} int8 activation packings \
          run on the pool ({} quantised on the way), {} batched packings run on the pool, \
@@ -303,6 +304,8 @@ pub(crate) fn load_engine(
         r.zero_points,
         r.folded,
         r.amx_packed,
+        r.int8_packed,
+        r.int8_packed_in_place,
         r.amx_tails,
         r.quantizers,
         r.broadcasts,

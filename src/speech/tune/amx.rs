@@ -123,7 +123,7 @@ pub fn pack(
     }
     // Stored k-major: eight rows at a time, each across the whole of `k`.
     // Where `mn` is the inner axis, eight `k` of eight rows are eight words
-    // read from eight lines, turned in registers ([`transpose8`]) into eight
+    // read from eight lines, turned in registers ([`super::pack::transpose8`]) into eight
     // words of eight `k`, one for each row; a byte at a time this was as slow
     // as tract's packer.
     let k8 = k / 8 * 8;
@@ -143,7 +143,7 @@ pub fn pack(
                 bytes.copy_from_slice(&src[at..at + 8]);
                 *word = u64::from_le_bytes(bytes);
             }
-            transpose8(&mut tile);
+            super::pack::transpose8(&mut tile);
             for (row, word) in group.iter_mut().zip(tile) {
                 row[kk..kk + 8].copy_from_slice(&word.to_le_bytes());
             }
@@ -156,26 +156,6 @@ pub fn pack(
         }
     }
     Ok(packed)
-}
-
-/// Transposes the 8 x 8 bytes of `tile` (byte `j` of word `i`, counted from
-/// the least significant, to byte `i` of word `j`): three rounds that swap
-/// the off-diagonal halves of 2 x 2 blocks of bytes, of pairs of bytes, then
-/// of quads.
-fn transpose8(tile: &mut [u64; 8]) {
-    for (width, mask) in [
-        (8, 0x00ff_00ff_00ff_00ff_u64),
-        (16, 0x0000_ffff_0000_ffff),
-        (32, 0x0000_0000_ffff_ffff),
-    ] {
-        let step = width / 8;
-        for i in (0..8).filter(|i| i & step == 0) {
-            let (a, b) = (tile[i], tile[i + step]);
-            let swap = ((a >> width) ^ b) & mask;
-            tile[i] = a ^ (swap << width);
-            tile[i + step] = b ^ swap;
-        }
-    }
 }
 
 #[cfg(test)]
@@ -229,19 +209,6 @@ mod tests {
                     );
                 }
             }
-        }
-    }
-
-    #[test]
-    fn transposes_eight_by_eight_bytes() {
-        let mut tile = [0u64; 8];
-        for (i, word) in tile.iter_mut().enumerate() {
-            *word = u64::from_le_bytes(std::array::from_fn(|j| (i * 8 + j) as u8));
-        }
-        transpose8(&mut tile);
-        for (j, word) in tile.iter().enumerate() {
-            let expected: [u8; 8] = std::array::from_fn(|i| (i * 8 + j) as u8);
-            assert_eq!(word.to_le_bytes(), expected, "word {j}");
         }
     }
 

@@ -252,28 +252,12 @@ pub fn fold_reshapes(model: &mut TypedModel) -> TractResult<usize> {
         let &[input] = node.inputs.as_slice() else {
             continue;
         };
-        let source = &model.nodes[input.node];
-        let Some(konst) = source.op_as::<Const>() else {
-            continue;
-        };
-        // Held by the constant and its fact alone, and read by this node alone.
-        let alone = Arc::strong_count(konst.val()) == 2
-            && source.outputs[0].fact.konst.is_some()
-            && source.outputs[0].successors.len() == 1
-            && konst.exotic_fact().is_none()
-            && konst.val().is_plain();
-        if !alone {
+        if model.nodes[input.node].outputs[0].successors.len() != 1 {
             continue;
         }
-        let source = &mut model.nodes[input.node];
-        source.outputs[0].fact.konst = None;
-        let taken = std::mem::replace(&mut source.op, Box::new(Const::new(rctensor0(0u8))?));
-        let Some(value) = taken.downcast_ref::<Const>().map(|k| k.val().clone()) else {
-            bail!("node {} is no constant", source.name);
+        let Some(mut tensor) = super::take_lone_constant(model, input.node)? else {
+            continue;
         };
-        drop(taken);
-        let mut tensor = Arc::try_unwrap(value)
-            .map_err(|_| format_err!("constant {} is shared", source.name))?;
         tensor.set_shape(&shape)?;
         super::replace_with_constant(model, id, tensor.into_arc_tensor(), "reshape in place")?;
         done += 1;

@@ -19,7 +19,9 @@
 //!   weight to i32 in every round, only to find the cast too large to keep;
 //!   the sums it is made for are taken from the bytes before that; and, on a
 //!   CPU with AMX, [`amx::fold`] packs each int8 weight for tract's AMX kernel
-//!   before tract's packer copies it a byte at a time.
+//!   before tract's packer copies it a byte at a time; elsewhere
+//!   [`int8_weights::fold`] packs each for tract's VNNI or AVX2 kernel, in the
+//!   weight's own bytes.
 //! - [`FastDynamicQuantize`]: tract's `DynamicQuantizeLinear` is a scalar loop
 //!   (a libm call per element for the rounding); this one vectorises.
 //! - [`gemm::replace_weight_matmuls`]: tract-linalg's f32 kernels run the fp32
@@ -71,6 +73,7 @@ pub mod defer;
 pub mod depthwise;
 pub mod dequant;
 pub mod gemm;
+pub mod int8_weights;
 pub mod norm;
 pub mod pack;
 pub mod plain;
@@ -106,6 +109,11 @@ pub struct Rewrites {
     pub folded: usize,
     /// int8 weights packed for tract's AMX kernel by [`amx::fold`].
     pub amx_packed: usize,
+    /// int8 weights packed for tract's VNNI or AVX2 kernel by
+    /// [`int8_weights::fold`].
+    pub int8_packed: usize,
+    /// Of those, the ones packed in their own bytes.
+    pub int8_packed_in_place: usize,
     /// Packed activations copied where tract's AMX kernel would read past
     /// them ([`pack::pad_amx_reads`]).
     pub amx_tails: usize,
@@ -159,6 +167,8 @@ impl Rewrites {
         self.zero_points += other.zero_points;
         self.folded += other.folded;
         self.amx_packed += other.amx_packed;
+        self.int8_packed += other.int8_packed;
+        self.int8_packed_in_place += other.int8_packed_in_place;
         self.amx_tails += other.amx_tails;
         self.quantizers += other.quantizers;
         self.gemms += other.gemms;
@@ -529,6 +539,35 @@ fn replace_with_constant(
     patch.apply(model)
 }
 
+/// The plain tensor of constant node `id`, taken out of the graph where the
+/// constant and its fact are the only holders of it (no other node, piece or
+/// op shares it): the node is left a placeholder scalar constant with no value
+/// in its fact, for the caller to shunt out. `None`, the graph untouched,
+/// otherwise. What tract's folding would copy can then change in place.
+fn take_lone_constant(model: &mut TypedModel, id: usize) -> TractResult<Option<Tensor>> {
+    let node = &model.nodes[id];
+    let Some(konst) = node.op_as::<Const>() else {
+        return Ok(None);
+    };
+    let alone = Arc::strong_count(konst.val()) == 2
+        && node.outputs[0].fact.konst.is_some()
+        && konst.exotic_fact().is_none()
+        && konst.val().is_plain();
+    if !alone {
+        return Ok(None);
+    }
+    let node = &mut model.nodes[id];
+    node.outputs[0].fact.konst = None;
+    let taken = std::mem::replace(&mut node.op, Box::new(Const::new(rctensor0(0u8))?));
+    let Some(value) = taken.downcast_ref::<Const>().map(|k| k.val().clone()) else {
+        bail!("node {} is no constant", node.name);
+    };
+    drop(taken);
+    let tensor =
+        Arc::try_unwrap(value).map_err(|_| format_err!("constant {} is shared", node.name))?;
+    Ok(Some(tensor))
+}
+
 /// `shape` without the axes a packing consumes.
 fn packed_shape<D: Clone>(shape: &[D], k_axis: usize, mn_axis: usize) -> TVec<D> {
     shape
@@ -617,6 +656,8 @@ pub fn optimize(
     done.amx_packed += counts.amx_packed.load(Relaxed);
     done.plain_weights += counts.plain.load(Relaxed);
     done.reshaped += counts.reshaped.load(Relaxed);
+    done.int8_packed += counts.int8_packed.load(Relaxed);
+    done.int8_packed_in_place += counts.int8_in_place.load(Relaxed);
     Ok(())
 }
 
@@ -627,10 +668,13 @@ struct WeightCounts {
     amx_packed: std::sync::atomic::AtomicUsize,
     plain: std::sync::atomic::AtomicUsize,
     reshaped: std::sync::atomic::AtomicUsize,
+    int8_packed: std::sync::atomic::AtomicUsize,
+    int8_in_place: std::sync::atomic::AtomicUsize,
 }
 
 /// [`fold_weight_sums`], where tract picked its AMX kernel [`amx::fold`], with
-/// [`Exactness::Close`] [`plain::keep`], and [`defer::fold_reshapes`], as a
+/// [`Exactness::Close`] [`plain::keep`], [`defer::fold_reshapes`] and
+/// [`int8_weights::fold`], as a
 /// pass at the head of tract's optimiser: each round runs it before
 /// tract's constant folding. The optimiser clones its passes for each round,
 /// so the counts are shared.
@@ -667,7 +711,10 @@ impl tract_onnx::tract_core::optim::TypedPass for WeightsPass {
         self.counts.plain.fetch_add(plain, Relaxed);
         let reshaped = defer::fold_reshapes(model)?;
         self.counts.reshaped.fetch_add(reshaped, Relaxed);
-        Ok(folded + packed + plain + reshaped > 0)
+        let int8 = int8_weights::fold(model)?;
+        self.counts.int8_packed.fetch_add(int8.packed, Relaxed);
+        self.counts.int8_in_place.fetch_add(int8.in_place, Relaxed);
+        Ok(folded + packed + plain + reshaped + int8.packed > 0)
     }
 }
 
@@ -1751,6 +1798,13 @@ mod tests {
             assert!(done.packs > 0 && done.quantized_packs > 0, "{done:?}");
         }
         assert_eq!(done.amx_packed > 0, amx(), "{done:?}");
+        // Where tract packs the weights for its VNNI kernel, ours does, each
+        // in the weight's own bytes.
+        if vnni() && !amx() {
+            assert!(done.int8_packed > 0, "{done:?}");
+            assert_eq!(done.int8_packed_in_place, done.int8_packed, "{done:?}");
+        }
+        assert!(done.deferred > 0 && done.deferred_copies == 0, "{done:?}");
     }
 
     /// What makes a test process build the plans of a CPU with AMX.
@@ -1892,6 +1946,11 @@ mod tests {
             assert!(done.packs > 0 && done.quantized_packs > 0, "{done:?}");
         }
         assert_eq!(done.amx_packed > 0, amx(), "{done:?}");
+        if vnni() && !amx() {
+            assert!(done.int8_packed > 0, "{done:?}");
+            assert_eq!(done.int8_packed_in_place, done.int8_packed, "{done:?}");
+        }
+        assert!(done.deferred > 0 && done.deferred_copies == 0, "{done:?}");
         assert_int8_as_close_to_fp32("models/gigaam-v3-full-random/gen");
     }
 

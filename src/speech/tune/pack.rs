@@ -113,29 +113,109 @@ impl PackI8K4 {
         k_stride: usize,
         mn_stride: usize,
     ) -> TractResult<Blob> {
-        let r = self.format.r;
         // `x - 128` in wrapping u8 is `x ^ 0x80`: the i8 `OffsetU8asI8` makes.
         let flip = if self.from_u8 { SHIFT } else { 0 };
-        pack_panels(&self.format, k, mn, |panel, first_row, rows| {
-            if k_stride == 1 {
-                for row in 0..rows {
-                    let at = (first_row + row) * mn_stride;
-                    fill_row(panel, r, row, &src[at..at + k], flip);
+        let fill = matrix_filler(self.format.r, src, k, k_stride, mn_stride, flip);
+        pack_panels(&self.format, k, mn, fill)
+    }
+}
+
+/// Fills a panel of `r` rows from `src`, a `k` x `mn` matrix of bytes at
+/// element strides `k_stride` and `mn_stride`, each byte XORed with `flip`:
+/// the closure [`pack_panels`] and [`fill_panels`] take.
+pub(super) fn matrix_filler(
+    r: usize,
+    src: &[u8],
+    k: usize,
+    k_stride: usize,
+    mn_stride: usize,
+    flip: u8,
+) -> impl Fn(&mut [u8], usize, usize) + Sync + Send + '_ {
+    move |panel, first_row, rows| {
+        if k_stride == 1 {
+            for row in 0..rows {
+                let at = (first_row + row) * mn_stride;
+                fill_row(panel, r, row, &src[at..at + k], flip);
+            }
+            return;
+        }
+        // Rows contiguous along `mn` (a weight stored `k`-major, the conv
+        // module's transposed activations): four `k` of eight rows are four
+        // words, turned in registers into eight quads, one for each row.
+        let tiled = if mn_stride == 1 && r.is_multiple_of(8) {
+            rows / 8 * 8
+        } else {
+            0
+        };
+        let quads = k / 4;
+        let flip8 = u64::from_ne_bytes([flip; 8]);
+        for group in (0..tiled).step_by(8) {
+            for q in 0..quads {
+                let mut tile = [0u64; 8];
+                for (kr, word) in tile.iter_mut().take(4).enumerate() {
+                    let at = (q * 4 + kr) * k_stride + first_row + group;
+                    let mut bytes = [0u8; 8];
+                    bytes.copy_from_slice(&src[at..at + 8]);
+                    *word = u64::from_le_bytes(bytes) ^ flip8;
                 }
-            } else {
-                // One `k` at a time across the panel's rows, which are
-                // contiguous where `mn` is the inner axis (the conv module's
-                // transposed activations): reading down `k` row by row
-                // instead took a cache line per byte.
-                for kk in 0..k {
-                    let at = kk * k_stride + first_row * mn_stride;
-                    let block = (kk / 4) * r * 4 + kk % 4;
-                    for row in 0..rows {
-                        panel[block + row * 4] = src[at + row * mn_stride] ^ flip;
-                    }
+                transpose8(&mut tile);
+                let block = q * r * 4 + group * 4;
+                for (row, word) in tile.iter().enumerate() {
+                    let at = block + row * 4;
+                    panel[at..at + 4].copy_from_slice(&word.to_le_bytes()[..4]);
                 }
             }
-        })
+        }
+        // One `k` at a time across the rest of the panel's rows (and every
+        // row's last `k % 4`): reading down `k` row by row instead took a
+        // cache line per byte.
+        for kk in 0..k {
+            let first = if kk < quads * 4 { tiled } else { 0 };
+            let at = kk * k_stride + first_row * mn_stride;
+            let block = (kk / 4) * r * 4 + kk % 4;
+            for row in first..rows {
+                panel[block + row * 4] = src[at + row * mn_stride] ^ flip;
+            }
+        }
+    }
+}
+
+/// Fails unless a `k` x `mn` matrix at element strides `k_stride` and
+/// `mn_stride` fits in `len` bytes.
+pub(super) fn ensure_fits(
+    len: usize,
+    k: usize,
+    mn: usize,
+    k_stride: usize,
+    mn_stride: usize,
+) -> TractResult<()> {
+    if k > 0 && mn > 0 {
+        let last = (k - 1) * k_stride + (mn - 1) * mn_stride;
+        ensure!(
+            last < len,
+            "a {k} x {mn} matrix at strides {k_stride}, {mn_stride} does not fit in {len} bytes"
+        );
+    }
+    Ok(())
+}
+
+/// Transposes the 8 x 8 bytes of `tile` (byte `j` of word `i`, counted from
+/// the least significant, to byte `i` of word `j`): three rounds that swap
+/// the off-diagonal halves of 2 x 2 blocks of bytes, of pairs of bytes, then
+/// of quads.
+pub(super) fn transpose8(tile: &mut [u64; 8]) {
+    for (width, mask) in [
+        (8, 0x00ff_00ff_00ff_00ff_u64),
+        (16, 0x0000_ffff_0000_ffff),
+        (32, 0x0000_0000_ffff_ffff),
+    ] {
+        let step = width / 8;
+        for i in (0..8).filter(|i| i & step == 0) {
+            let (a, b) = (tile[i], tile[i + step]);
+            let swap = ((a >> width) ^ b) & mask;
+            tile[i] = a ^ (swap << width);
+            tile[i + step] = b ^ swap;
+        }
     }
 }
 
@@ -399,39 +479,52 @@ impl TypedOp for AmxTail {
     as_op!();
 }
 
-/// A zeroed buffer for `k` x `mn` in `format`, each of its panels handed to
-/// `fill` with the first `mn` row it holds and how many it holds (the last
-/// panel may hold fewer than `r`), the panels split across the pool; then
-/// [`amx_tail`] zero bytes.
+/// A zeroed buffer for `k` x `mn` in `format`, its panels filled by
+/// [`fill_panels`]; then [`amx_tail`] zero bytes.
 fn pack_panels(
     format: &PackedI8K4,
     k: usize,
     mn: usize,
     fill: impl Fn(&mut [u8], usize, usize) + Sync + Send,
 ) -> TractResult<Blob> {
-    let r = format.r;
-    let panel_len = format.single_panel_len(k);
     let total = format.len(k, mn);
     // The zeroed tail after the panels is what tract's AMX kernels read past
     // them (`amx_tail`); no kernel gets anything from it.
     let mut packed =
-        Tensor::zero_aligned::<i8>(&[total + amx_tail(r, k)], format.alignment())?.into_blob()?;
-    if panel_len == 0 {
-        return Ok(packed);
-    }
-    tract_linalg::multithread::par_chunks_mut(
-        &mut packed.as_bytes_mut()[..total],
-        panel_len,
-        total,
-        |first, chunk| {
-            for (i, panel) in chunk.chunks_exact_mut(panel_len).enumerate() {
-                let first_row = (first + i) * r;
-                fill(panel, first_row, r.min(mn - first_row));
-            }
-            Ok(())
-        },
-    )?;
+        Tensor::zero_aligned::<i8>(&[total + amx_tail(format.r, k)], format.alignment())?
+            .into_blob()?;
+    fill_panels(format, k, mn, &mut packed.as_bytes_mut()[..total], fill)?;
     Ok(packed)
+}
+
+/// Hands each panel of `out` (`k` x `mn` in `format`, `format.len(k, mn)`
+/// bytes) to `fill` with the first `mn` row it holds and how many it holds
+/// (the last panel may hold fewer than `r`), the panels split across the pool.
+pub(super) fn fill_panels(
+    format: &PackedI8K4,
+    k: usize,
+    mn: usize,
+    out: &mut [u8],
+    fill: impl Fn(&mut [u8], usize, usize) + Sync + Send,
+) -> TractResult<()> {
+    let r = format.r;
+    let panel_len = format.single_panel_len(k);
+    let total = format.len(k, mn);
+    ensure!(
+        out.len() == total,
+        "{} bytes for {total} of panels",
+        out.len()
+    );
+    if panel_len == 0 {
+        return Ok(());
+    }
+    tract_linalg::multithread::par_chunks_mut(out, panel_len, total, |first, chunk| {
+        for (i, panel) in chunk.chunks_exact_mut(panel_len).enumerate() {
+            let first_row = (first + i) * r;
+            fill(panel, first_row, r.min(mn - first_row));
+        }
+        Ok(())
+    })
 }
 
 /// A packing format whose panels are all one length.
@@ -757,6 +850,19 @@ mod tests {
     /// `rows` x `k` bytes, every value of a byte present for large sizes.
     fn bytes(rows: usize, k: usize) -> Vec<u8> {
         (0..rows * k).map(|i| (i * 131 % 256) as u8).collect()
+    }
+
+    #[test]
+    fn transposes_eight_by_eight_bytes() {
+        let mut tile = [0u64; 8];
+        for (i, word) in tile.iter_mut().enumerate() {
+            *word = u64::from_le_bytes(std::array::from_fn(|j| (i * 8 + j) as u8));
+        }
+        transpose8(&mut tile);
+        for (j, word) in tile.iter().enumerate() {
+            let expected: [u8; 8] = std::array::from_fn(|i| (i * 8 + j) as u8);
+            assert_eq!(word.to_le_bytes(), expected, "word {j}");
+        }
     }
 
     #[test]
