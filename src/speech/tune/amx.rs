@@ -63,27 +63,16 @@ struct Job {
 /// The packing `node` does, when it packs one matrix of a constant i8
 /// weight (read by nothing else) into `PackedAmxA` alone.
 fn foldable(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Job>> {
-    let Some((format, k_axis, mn_axis)) = super::pack::sole_format::<PackedAmxA>(model, node)?
+    let Some((format, k_axis, mn_axis)) = super::pack::weight_packing::<PackedAmxA>(model, node)?
     else {
         return Ok(None);
     };
-    let input = node.inputs[0];
-    let Some(weight) = model.node(input.node).op_as::<Const>() else {
+    let Some(weight) = model.node(node.inputs[0].node).op_as::<Const>() else {
         return Ok(None);
     };
-    let sole_reader = model.outlet_successors(input).len() == 1;
-    let weight = weight.val();
-    let one_matrix = weight
-        .shape()
-        .iter()
-        .enumerate()
-        .all(|(ax, &d)| ax == k_axis || ax == mn_axis || d == 1);
-    if !sole_reader || weight.datum_type() != DatumType::I8 || !one_matrix {
-        return Ok(None);
-    }
     Ok(Some(Job {
-        format: format.clone(),
-        weight: weight.clone(),
+        format,
+        weight: weight.val().clone(),
         k_axis,
         mn_axis,
     }))

@@ -36,7 +36,9 @@ pub struct Folded {
 pub fn fold(model: &mut TypedModel) -> TractResult<Folded> {
     let mut done = Folded::default();
     for id in 0..model.nodes.len() {
-        let Some((format, k_axis, mn_axis)) = foldable(model, &model.nodes[id])? else {
+        let Some((format, k_axis, mn_axis)) =
+            super::pack::weight_packing::<PackedI8K4>(model, &model.nodes[id])?
+        else {
             continue;
         };
         let weight = model.nodes[id].inputs[0].node;
@@ -64,31 +66,6 @@ pub fn fold(model: &mut TypedModel) -> TractResult<Folded> {
         done.packed += 1;
     }
     Ok(done)
-}
-
-/// The packing `node` does, when it packs one matrix of a constant i8 weight
-/// read by nothing else into `PackedI8K4` alone.
-fn foldable(
-    model: &TypedModel,
-    node: &TypedNode,
-) -> TractResult<Option<(PackedI8K4, usize, usize)>> {
-    let Some((format, k_axis, mn_axis)) = super::pack::sole_format::<PackedI8K4>(model, node)?
-    else {
-        return Ok(None);
-    };
-    let input = node.inputs[0];
-    let Some(weight) = model.node(input.node).op_as::<Const>() else {
-        return Ok(None);
-    };
-    let weight = weight.val();
-    let sole_reader = model.outlet_successors(input).len() == 1;
-    let one_matrix = weight
-        .shape()
-        .iter()
-        .enumerate()
-        .all(|(ax, &d)| ax == k_axis || ax == mn_axis || d == 1);
-    let ok = sole_reader && weight.datum_type() == DatumType::I8 && weight.is_plain() && one_matrix;
-    Ok(ok.then(|| (format.clone(), k_axis, mn_axis)))
 }
 
 /// The weight of constant node `id`, taken out of the graph, when its panels

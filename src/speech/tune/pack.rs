@@ -26,6 +26,7 @@ use tract_linalg::mmm::{
 use tract_linalg::pack::PackedI8K4;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, ProtoFusedSpec};
 use tract_onnx::tract_core::ops::matmul::pack::DynPackedExoticFact;
 
@@ -242,6 +243,31 @@ pub(super) fn sole_format<'a, F: MMMInputFormat>(
         return Ok(None);
     };
     Ok(super::pack_axes(model, node)?.map(|(k, mn)| (format, k, mn)))
+}
+
+/// The format and axes of `node`, when it packs one matrix of a constant
+/// plain i8 weight, read by nothing else, into one format, of type `F`: a
+/// packing a fold of ours may do in tract's place.
+pub(super) fn weight_packing<F: MMMInputFormat + Clone>(
+    model: &TypedModel,
+    node: &TypedNode,
+) -> TractResult<Option<(F, usize, usize)>> {
+    let Some((format, k_axis, mn_axis)) = sole_format::<F>(model, node)? else {
+        return Ok(None);
+    };
+    let input = node.inputs[0];
+    let Some(weight) = model.node(input.node).op_as::<Const>() else {
+        return Ok(None);
+    };
+    let weight = weight.val();
+    let sole_reader = model.outlet_successors(input).len() == 1;
+    let one_matrix = weight
+        .shape()
+        .iter()
+        .enumerate()
+        .all(|(ax, &d)| ax == k_axis || ax == mn_axis || d == 1);
+    let plain_i8 = weight.datum_type() == DatumType::I8 && weight.is_plain();
+    Ok((sole_reader && plain_i8 && one_matrix).then(|| (format.clone(), k_axis, mn_axis)))
 }
 
 /// The sizes of `input` along `k_axis` and `mn_axis`, and its element
