@@ -17,10 +17,10 @@
 //! puts the constants back once the declutter is done, each change applied to
 //! the tensor by tract's own `AxisOp::change_tensor`: in place where the op
 //! holds the tensor alone (adding, removing or splitting an axis moves no
-//! byte), on a copy otherwise, as tract would have. The decluttered graph has
-//! the same nodes and the same values as before (tested against tract's own
-//! declutter); only what the declutter could do with a weight's value (fold a
-//! shape change into it) waits for the optimiser's first round.
+//! byte), on a copy otherwise, as tract would have. What the declutter would
+//! have done with a weight's value (fold a split or a reshape of it) waits for
+//! the optimiser, where [`fold_reshapes`] does the reshapes in place; after it
+//! the plan is tract's, op for op, each constant the same value (tested).
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
