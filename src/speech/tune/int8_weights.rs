@@ -35,6 +35,8 @@ pub struct Folded {
 /// weight's own bytes where [`take_in_place`] can, else in a new buffer.
 pub fn fold(model: &mut TypedModel) -> TractResult<Folded> {
     let mut done = Folded::default();
+    // One buffer for every weight's bytes set aside, grown to the largest.
+    let mut aside = Vec::new();
     for id in 0..model.nodes.len() {
         let Some((format, k_axis, mn_axis)) =
             super::pack::weight_packing::<PackedI8K4>(model, &model.nodes[id])?
@@ -51,7 +53,7 @@ pub fn fold(model: &mut TypedModel) -> TractResult<Folded> {
         let packed = match take_in_place(model, weight, &format, k_axis, mn_axis)? {
             Some(tensor) => {
                 done.in_place += 1;
-                pack_in_place(&format, tensor, k_axis, mn_axis)?
+                pack_in_place(&format, tensor, k_axis, mn_axis, &mut aside)?
             }
             None => {
                 let Some(konst) = model.nodes[weight].op_as::<Const>() else {
@@ -91,20 +93,23 @@ fn take_in_place(
     super::take_lone_constant(model, id)
 }
 
-/// Packs `weight` into its own bytes (sized and aligned by [`take_in_place`]).
+/// Packs `weight` into its own bytes (sized and aligned by [`take_in_place`]),
+/// its bytes first copied into `aside`.
 fn pack_in_place(
     format: &PackedI8K4,
     mut weight: Tensor,
     k_axis: usize,
     mn_axis: usize,
+    aside: &mut Vec<u8>,
 ) -> TractResult<Blob> {
     let (k, mn, k_stride, mn_stride) = super::pack::matrix(&weight, k_axis, mn_axis)?;
-    let aside = weight.try_as_plain_ram()?.as_bytes().to_vec();
+    aside.clear();
+    aside.extend_from_slice(weight.try_as_plain_ram()?.as_bytes());
     super::pack::ensure_fits(aside.len(), k, mn, k_stride, mn_stride)?;
     {
         let mut view = weight.try_as_plain_ram_mut()?;
         let out = view.as_bytes_mut();
-        let fill = super::pack::matrix_filler(format.r, &aside, k, k_stride, mn_stride, 0);
+        let fill = super::pack::matrix_filler(format.r, aside, k, k_stride, mn_stride, 0);
         super::pack::fill_panels(format, k, mn, out, fill)?;
     }
     weight.into_blob()
@@ -172,7 +177,8 @@ mod tests {
                     assert_eq!(new.as_bytes(), theirs.as_slice(), "{what}");
                     if format.len(k, mn) == t.len() {
                         let at = t.try_as_plain_ram().expect("plain").as_bytes().as_ptr();
-                        let own = pack_in_place(&format, t, k_axis, mn_axis).expect("packs");
+                        let own = pack_in_place(&format, t, k_axis, mn_axis, &mut Vec::new())
+                            .expect("packs");
                         assert_eq!(own.as_bytes(), theirs.as_slice(), "{what}");
                         assert_eq!(own.as_bytes().as_ptr(), at, "{what}: its own bytes");
                     }
