@@ -236,6 +236,8 @@ fn bench_duration(
 
 fn main() -> BenchResult<()> {
     let args = parse_args()?;
+    // As the binary does before it loads the engine (src/cli/mod.rs).
+    let huge_pages_off = gigastt::speech::huge_pages_off()?;
     let audio = audio::decode(&fs::read(&args.audio_path)?)?;
     if let Some(dir) = &args.inputs_dir {
         fs::create_dir_all(dir)?;
@@ -311,6 +313,7 @@ fn main() -> BenchResult<()> {
         "reps": args.reps,
         "encoder_file": encoder_path,
         "encoder_file_mib": encoder_bytes.map(|b| b as f64 / 1048576.0),
+        "huge_pages_off": huge_pages_off,
         "load_ms": load_ms,
         "load_stages": info.encoder_stages,
         "load_again_ms": load_again_ms,

@@ -100,6 +100,26 @@ fn health_ready_and_models() {
     );
 }
 
+/// The server turns transparent huge pages off for itself before it loads the
+/// model (smaller and, into fresh memory, faster loads: docs/perf.md), and
+/// says so in its startup log.
+#[cfg(target_os = "linux")]
+#[test]
+fn the_server_runs_without_transparent_huge_pages() {
+    let server = Server::start(&[]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+    let thp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(str::trim);
+    assert_eq!(thp, Some("0"), "{status}");
+    assert!(
+        server.log_text().contains("transparent huge pages off"),
+        "{}",
+        server.log_text()
+    );
+}
+
 #[test]
 fn transcribe_every_golos_file_gives_the_golden_text() {
     let server = Server::start(&[]);

@@ -256,11 +256,23 @@ pub(crate) fn load_engine(
     let dir = resolve_model_dir(raw);
     let options = engine_options(raw, workers)?;
     warn_of_backtraces();
+    let huge_pages = match crate::speech::huge_pages_off() {
+        Ok(true) => "off",
+        Ok(false) => "as the system sets them",
+        Err(e) => {
+            log::warn!(
+                "could not turn transparent huge pages off ({e}): the model load will take more \
+                 memory and, into fresh memory, more time"
+            );
+            "on"
+        }
+    };
     let engine = crate::speech::Engine::load(&dir, &options)
         .map_err(|e| CliError::new(Exit::Model, e.to_string()))?;
     let info = engine.info();
     log::info!(
-        "model {} loaded from {} in {} ms (encoder: {}): {} {}, vocab {}, encoder threads {}",
+        "model {} loaded from {} in {} ms (encoder: {}): {} {}, vocab {}, encoder threads {}, \
+         transparent huge pages {}",
         info.id,
         dir.display(),
         info.load_ms,
@@ -268,7 +280,8 @@ pub(crate) fn load_engine(
         info.variant.as_str(),
         info.precision.as_str(),
         info.vocab_size,
-        info.encoder_threads
+        info.encoder_threads,
+        huge_pages
     );
     let r = &info.encoder_rewrites;
     log::info!(
