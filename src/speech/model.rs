@@ -311,12 +311,15 @@ pub(crate) fn load_encoder_as(
         // never all in memory at once (docs/perf.md, "Memory allocator and
         // loading"), and they are read on every core while tract parses and
         // types the graph without them (`speech::weights`).
-        let lean =
+        let mut lean =
             super::lean::read(path, super::lean::EXTERNAL_MIN_BYTES).map_err(|e| err(e.into()))?;
         rewrites.weights_from_file = lean.external;
         let mut proto = onnx
             .proto_model_for_read(&mut lean.bytes.as_slice())
             .map_err(&err)?;
+        // The bytes are decoded: nothing reads them again (docs/perf.md, the
+        // twenty-fourth round: what the load holds at its peak).
+        lean.bytes = Vec::new();
         rewrites.zero_points = super::tune::drop_zero_weight_zero_points(&mut proto);
         let invalid_because = |why: String| SpeechError::ModelInvalid {
             file: path.to_path_buf(),
@@ -331,6 +334,8 @@ pub(crate) fn load_encoder_as(
         let file = lean.dir.join(&lean.location);
         let (typed, tensors) = super::weights::read_beside(&file, &weights, || {
             let mut parsed = onnx.parse(&proto, lean.dir.to_str()).map_err(&err)?;
+            // Parsed: the protobuf goes before the typing, the load's peak.
+            drop(proto);
             super::weights::declare(&mut parsed.model, &parsed.outlets_by_name, &weights)
                 .map_err(&err)?;
             stages.mark("read");
@@ -338,7 +343,6 @@ pub(crate) fn load_encoder_as(
         });
         let (mut typed, signal_first) = typed?;
         let tensors = tensors.map_err(|e| err(e.into()))?;
-        drop(proto);
         super::weights::install(&mut typed, &weights, tensors).map_err(&err)?;
         (typed, signal_first)
     } else {
