@@ -297,11 +297,7 @@ mod tests {
     use tract_onnx::pb::{ModelProto, TensorProto};
     use tract_onnx::prelude::Framework;
 
-    fn tiny(file: &str) -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("models/gigaam-v3-tiny-random")
-            .join(file)
-    }
+    use crate::speech::tiny_model_file as tiny;
 
     fn decode(bytes: &[u8]) -> ModelProto {
         tract_onnx::onnx()

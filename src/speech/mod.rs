@@ -49,6 +49,14 @@ pub const NOISY_LOG_TARGETS: &[&str] = &[
 
 /// Sample rate the engine takes.
 pub const SAMPLE_RATE_HZ: usize = 16_000;
+/// The tiny test model's file `file` (random weights, the real model's I/O).
+#[cfg(test)]
+pub(crate) fn tiny_model_file(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models/gigaam-v3-tiny-random")
+        .join(file)
+}
+
 /// Turns transparent huge pages off for this whole process; call it before
 /// [`Engine::load`].
 ///

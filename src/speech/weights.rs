@@ -259,13 +259,8 @@ pub fn install(
 mod tests {
     use super::*;
     use crate::speech::lean;
-    use std::path::PathBuf;
 
-    fn tiny(file: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("models/gigaam-v3-tiny-random")
-            .join(file)
-    }
+    use crate::speech::tiny_model_file as tiny;
 
     fn konst(model: &TypedModel, node: usize) -> &Arc<Tensor> {
         let node = model.node(node);

@@ -209,12 +209,7 @@ pub fn install(model: &mut TypedModel) -> TractResult<Installed> {
     for id in ids {
         let node = &mut model.nodes[id];
         // Take the op out of the graph, so that it holds the tensor alone.
-        let taken = std::mem::replace(&mut node.op, Box::new(Const::new(rctensor0(0u8))?));
-        let Some(deferred) = taken.downcast_ref::<Deferred>() else {
-            bail!("node {} is no deferred weight", node.name);
-        };
-        let Deferred { value, changes, .. } = deferred.clone();
-        drop(taken);
+        let Deferred { value, changes, .. } = super::take_op::<Deferred>(node)?;
         let (value, in_place) = Deferred::apply(value, &changes)?;
         let fact = TypedFact::try_from(value.clone())?;
         ensure!(
@@ -293,17 +288,10 @@ mod tests {
     use super::*;
     use std::path::Path;
 
-    /// The tiny test encoder's graph, typed with `T` frames as the engine does.
-    fn tiny_path(file: &str) -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("models/gigaam-v3-tiny-random")
-            .join(file)
-    }
-
     /// The tiny encoder typed as the engine types it (its zero weight zero
     /// points dropped), and whether its features come before the length.
     fn typed_tiny(file: &str) -> (TypedModel, bool) {
-        let path = tiny_path(file);
+        let path = crate::speech::tiny_model_file(file);
         let onnx = tract_onnx::onnx();
         let mut proto = onnx.proto_model_for_path(&path).expect("decodes");
         super::super::drop_zero_weight_zero_points(&mut proto);

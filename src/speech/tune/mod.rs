@@ -558,14 +558,21 @@ fn take_lone_constant(model: &mut TypedModel, id: usize) -> TractResult<Option<T
     }
     let node = &mut model.nodes[id];
     node.outputs[0].fact.konst = None;
-    let taken = std::mem::replace(&mut node.op, Box::new(Const::new(rctensor0(0u8))?));
-    let Some(value) = taken.downcast_ref::<Const>().map(|k| k.val().clone()) else {
-        bail!("node {} is no constant", node.name);
-    };
-    drop(taken);
+    let value = take_op::<Const>(node)?.val().clone();
     let tensor =
         Arc::try_unwrap(value).map_err(|_| format_err!("constant {} is shared", node.name))?;
     Ok(Some(tensor))
+}
+
+/// The op of `node`, of type `T`, taken out of the graph: the node is left a
+/// placeholder scalar constant, so that what the returned op holds it holds
+/// with no other holder in the graph.
+fn take_op<T: TypedOp + Clone>(node: &mut TypedNode) -> TractResult<T> {
+    let taken = std::mem::replace(&mut node.op, Box::new(Const::new(rctensor0(0u8))?));
+    taken
+        .downcast_ref::<T>()
+        .cloned()
+        .ok_or_else(|| format_err!("node {} is no {}", node.name, std::any::type_name::<T>()))
 }
 
 /// `shape` without the axes a packing consumes.
